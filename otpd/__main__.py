@@ -1,0 +1,3 @@
+from otpd.cli import main
+
+raise SystemExit(main())

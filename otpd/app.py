@@ -1,0 +1,147 @@
+"""The daemon: wires the store, channels, delivery engine, service and transports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+from otpd.channel import Channel, WorkSource
+from otpd.config import Settings
+from otpd.delivery import DeliveryEngine
+from otpd.htpasswd import HtpasswdError, HtpasswdFile
+from otpd.mail import SmtpChannel
+from otpd.otp import load_or_create_key
+from otpd.sealing import Sealer
+from otpd.service import Service
+from otpd.store import SqliteStore, StoreError
+from otpd.transports.rest import RestApi
+
+log = logging.getLogger("otpd")
+
+
+class NoModems:
+    """The SMS channel of an email-only install: every SMS is refused with 1000."""
+
+    name = "sms"
+
+    def configured(self) -> bool:
+        return False
+
+    def usable(self) -> bool:
+        return False
+
+    async def run(self, source: WorkSource) -> None:
+        await asyncio.Event().wait()
+
+    def status(self) -> dict[str, Any]:
+        return {"modems": []}
+
+
+def build_sms_channel(settings: Settings) -> Channel:
+    if not settings.sms.modems:
+        return NoModems()
+    from otpd.sms.pool import ModemPool
+
+    return ModemPool(settings.sms, country_code=settings.otp.country_code)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, channels: dict[str, Channel] | None = None) -> None:
+        self.settings = settings
+        self._channels = channels
+        self.store: SqliteStore | None = None
+        self.engine: DeliveryEngine | None = None
+        self.service: Service | None = None
+        self.rest: RestApi | None = None
+        self.users: HtpasswdFile | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings
+        key = load_or_create_key(s.otp.key_file)
+        self.store = await SqliteStore.open(s.store.path)
+        channels = self._channels or {
+            "sms": build_sms_channel(s),
+            "email": SmtpChannel(s.smtp, s.delivery.email_workers, s.delivery.retry_base,
+                                 s.delivery.retry_max),
+        }
+        sealer = Sealer(key)
+        self.engine = DeliveryEngine(self.store, channels, sealer)
+        await self.engine.start()
+        self.service = Service(s, self.store, self.engine, channels, key, sealer)
+        if s.server.enabled:
+            self.users = self._load_users()
+            self.rest = RestApi(s.server, self.service, self.users, s.delivery.wait)
+            await self.rest.start()
+        self._tasks.append(asyncio.create_task(self._purge_loop(), name="purge"))
+        self.started.set()
+
+    def _load_users(self) -> HtpasswdFile | None:
+        path = self.settings.server.users_file
+        if not path.exists():
+            log.error("server.users_file: %s does not exist; every REST request will get 401"
+                      " (create a user with: otpd passwd USER)", path)
+            return None
+        try:
+            users = HtpasswdFile.load(path)
+        except HtpasswdError as exc:
+            log.error("server.users_file: %s", exc)
+            return None
+        for user in users.weak_entries:
+            log.warning("server.users_file: user %r has a plaintext or weak hash and is refused;"
+                        " reset it with: otpd passwd %s", user, user)
+        return users
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.rest is not None:
+            await self.rest.stop()
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.store is not None:
+            await self.store.close()
+
+    async def _purge_loop(self) -> None:
+        assert self.store is not None
+        s = self.settings.store
+        while True:
+            await asyncio.sleep(s.purge_interval)
+            now = time.time()
+            try:
+                otps, msgs = await self.store.purge(now - s.expired_grace, now - s.retention)
+            except StoreError as exc:
+                log.error("purge failed: %s", exc)
+                continue
+            if otps or msgs:
+                log.info("purged %d expired OTP(s) and %d old message(s)", otps, msgs)
+
+    def status(self) -> dict[str, Any]:
+        assert self.engine is not None
+        return {
+            "pending": self.engine.pending_count(),
+            "channels": {name: q.channel.status() for name, q in self.engine.queues.items()},
+        }
+
+
+async def run_until_signalled(daemon: Daemon) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.start()
+        log.info("otpd ready")
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await daemon.stop()

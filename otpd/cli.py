@@ -1,0 +1,161 @@
+"""Command line: run, demo, check-config, passwd, modem, broker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import stat
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from otpd import __version__
+from otpd.confread import ConfigError
+from otpd.config import DEFAULT_CONFIG, Settings, load_settings
+from otpd.logsetup import setup_logging
+
+_SECRET_KEYS = ("password", "pin", "secret", "token", "api_key")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, default=Path(os.environ.get("OTPD_CONFIG", DEFAULT_CONFIG)),
+                   help=f"configuration file (default {DEFAULT_CONFIG}, or $OTPD_CONFIG)")
+
+
+def _load(path: Path) -> Settings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"{path}: configuration is not valid:", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from otpd.app import Daemon, run_until_signalled
+
+    settings = _load(args.config)
+    if settings is None:
+        return 2
+    setup_logging(settings.log.level)
+    asyncio.run(run_until_signalled(Daemon(settings)))
+    return 0
+
+
+def inline_secrets(raw: object, path: str = "") -> list[str]:
+    """Keys holding a secret written inline in the file."""
+    found: list[str] = []
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            full = f"{path}.{key}" if path else key
+            if isinstance(value, str) and value and any(key == s or key.endswith("_" + s)
+                                                        for s in _SECRET_KEYS):
+                found.append(full)
+            else:
+                found.extend(inline_secrets(value, full))
+    elif isinstance(raw, list):
+        for i, item in enumerate(raw):
+            found.extend(inline_secrets(item, f"{path}[{i}]"))
+    return found
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return 2
+    warnings: list[str] = []
+    secrets = inline_secrets(settings.raw)
+    mode = args.config.stat().st_mode
+    if secrets and mode & stat.S_IROTH:
+        warnings.append(
+            f"{args.config} is world-readable and holds secrets ({', '.join(secrets)}):"
+            f" chmod 640 it, or use *_file / *_env keys"
+        )
+    if not settings.server.users_file.exists() and settings.server.enabled:
+        warnings.append(f"server.users_file: {settings.server.users_file} does not exist"
+                        " (otpd passwd USER creates it)")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"{args.config}: OK")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from otpd.htpasswd import set_user
+
+    users_file: Path
+    if args.file is not None:
+        users_file = args.file
+    else:
+        settings = _load(args.config)
+        if settings is None:
+            return 2
+        users_file = settings.server.users_file
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"New password for {args.user}: ")
+        if getpass.getpass("Again: ") != password:
+            print("passwords differ; nothing changed", file=sys.stderr)
+            return 1
+    if len(password) < 8:
+        print("password must have at least 8 characters", file=sys.stderr)
+        return 1
+    try:
+        added = set_user(users_file, args.user, password)
+    except (ValueError, OSError) as exc:
+        print(f"{users_file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'added' if added else 'updated'} {args.user} in {users_file}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from otpd.demo import run_demo
+
+    setup_logging("info")
+    return asyncio.run(run_demo(args.dir, args.port))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="otpd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"otpd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon")
+    _add_config(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate the configuration and exit")
+    _add_config(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("passwd", help="add or change a REST API user (bcrypt)")
+    p.add_argument("user")
+    _add_config(p)
+    p.add_argument("--file", type=Path, help="users file (default: server.users_file)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.set_defaults(func=cmd_passwd)
+
+    p = sub.add_parser("demo", help="run with a simulated modem and a local mail sink")
+    p.add_argument("--dir", type=Path, default=None, help="state directory (default: temporary)")
+    p.add_argument("--port", type=int, default=8899, help="REST port (default 8899)")
+    p.set_defaults(func=cmd_demo)
+
+    from otpd.broker.cli import add_parser as add_broker
+    from otpd.sms.cli import add_parser as add_modem
+
+    add_modem(sub)
+    add_broker(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,276 @@
+"""The delivery engine: drains the durable outbox into channels.
+
+Every message is in the store before it gets here. The engine keeps the
+pending ones in memory per channel, hands them to the channel's senders
+(oldest due first), records every outcome durably, retries with the delay the
+channel asks for, and drops what reaches its expiration unsent. Nothing is
+ever handed to a channel after its expiration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from otpd.channel import Channel, Delivered, Failed, Job, Outcome, Retry
+from otpd.codes import Code
+from otpd.msisdn import mask
+from otpd.sealing import Sealer, SealError
+from otpd.store import MessageRow, SqliteStore, StoreError
+
+log = logging.getLogger("otpd.delivery")
+
+_MAX_SWEEP_SLEEP = 5.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """What finally happened to a message."""
+
+    state: str  # sent | failed | expired
+    code: Code
+    reason: str = ""
+    via: str = ""
+
+
+@dataclass
+class _Pending:
+    job: Job
+    due: float
+    reserved: bool = False
+    last_error: str = ""
+
+
+class ChannelQueue:
+    """The pending jobs of one channel; the channel's WorkSource."""
+
+    def __init__(self, engine: DeliveryEngine, channel: Channel) -> None:
+        self.engine = engine
+        self.channel = channel
+        self.jobs: dict[int, _Pending] = {}
+        self.changed = asyncio.Condition()
+        self.sweep_now = asyncio.Event()
+
+    # -- WorkSource ----------------------------------------------------------
+    async def take(self, accept: Callable[[Job], bool] | None = None) -> Job:
+        async with self.changed:
+            while True:
+                now = self.engine.clock()
+                best: _Pending | None = None
+                next_due: float | None = None
+                for p in self.jobs.values():
+                    if p.reserved or p.job.expires_at <= now:
+                        continue
+                    if p.due > now:
+                        next_due = p.due if next_due is None else min(next_due, p.due)
+                        continue
+                    if accept is not None and not accept(p.job):
+                        continue
+                    if best is None or p.job.id < best.job.id:
+                        best = p
+                if best is not None:
+                    best.reserved = True
+                    return best.job
+                timeout = None if next_due is None else max(0.01, next_due - now)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), timeout)
+
+    async def finish(self, job: Job, outcome: Outcome) -> None:
+        await self.engine.finish(self, job, outcome)
+
+    def wake(self) -> None:
+        asyncio.get_running_loop().create_task(self.notify())
+
+    # -- engine side ---------------------------------------------------------
+    async def notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+        self.sweep_now.set()
+
+    def next_expiry(self) -> float | None:
+        times = [p.job.expires_at for p in self.jobs.values() if not p.reserved]
+        return min(times) if times else None
+
+
+class DeliveryEngine:
+    def __init__(
+        self,
+        store: SqliteStore,
+        channels: dict[str, Channel],
+        sealer: Sealer,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.channels = channels
+        self.sealer = sealer
+        self.clock = clock
+        self.queues = {name: ChannelQueue(self, ch) for name, ch in channels.items()}
+        self._futures: dict[int, asyncio.Future[Result]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.healthy = True
+
+    async def start(self) -> None:
+        """Resume what was pending at the last stop, then start the channels."""
+        resumed = 0
+        for row in await self.store.pending_messages():
+            job = await self._job_from_row(row)
+            if job is not None:
+                self._add(job, due=row.next_attempt_at)
+                resumed += 1
+        if resumed:
+            log.info("resumed %d pending message(s) from the outbox", resumed)
+        for name, queue in self.queues.items():
+            self._tasks.append(asyncio.create_task(self._run_channel(queue), name=f"channel-{name}"))
+            self._tasks.append(asyncio.create_task(self._sweep(queue), name=f"expiry-{name}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.cancel()
+        self._futures.clear()
+
+    def pending_count(self) -> int:
+        return sum(len(q.jobs) for q in self.queues.values())
+
+    def oldest_pending_age(self) -> float:
+        created = [p.job.created_at for q in self.queues.values() for p in q.jobs.values()]
+        return self.clock() - min(created) if created else 0.0
+
+    async def submit(self, job: Job) -> asyncio.Future[Result]:
+        """Queue a stored message; the future resolves with its final result."""
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._futures[job.id] = fut
+        self._add(job, due=job.created_at)
+        await self.queues[job.channel].notify()
+        return fut
+
+    def _add(self, job: Job, due: float) -> None:
+        self.queues[job.channel].jobs[job.id] = _Pending(job, due)
+
+    async def _job_from_row(self, row: MessageRow) -> Job | None:
+        if row.channel not in self.queues or row.sealed is None:
+            await self._record_final(row.id, Result("failed", Code.FAILED, "channel unavailable"),
+                                     row.attempts)
+            return None
+        try:
+            text = self.sealer.open(row.sealed, row.receiver)
+        except SealError as exc:
+            log.error("outbox message %d: %s", row.id, exc)
+            await self._record_final(row.id, Result("failed", Code.FAILED, str(exc)), row.attempts)
+            return None
+        return Job(
+            id=row.id,
+            channel=row.channel,
+            receiver=row.receiver,
+            subject=row.subject,
+            text=text,
+            expires_at=row.expires_at,
+            attempts=row.attempts,
+            created_at=row.created_at,
+        )
+
+    async def finish(self, queue: ChannelQueue, job: Job, outcome: Outcome) -> None:
+        pending = queue.jobs.get(job.id)
+        if pending is None:
+            return
+        attempts = job.attempts + 1
+        if isinstance(outcome, Retry):
+            due = self.clock() + max(outcome.delay, 0.0)
+            pending.job = _with_attempts(job, attempts)
+            pending.due = due
+            pending.last_error = outcome.reason
+            pending.reserved = False
+            log.info("message %d to %s: retry in %.1fs (%s)", job.id, mask(job.receiver),
+                     max(outcome.delay, 0.0), outcome.reason)
+            try:
+                await self.store.record_retry(job.id, attempts, due, outcome.reason)
+            except StoreError as exc:
+                log.error("message %d: could not record retry: %s", job.id, exc)
+            await queue.notify()
+            return
+        del queue.jobs[job.id]
+        if isinstance(outcome, Delivered):
+            result = Result("sent", Code.SUCCESS, outcome.detail, outcome.via)
+            log.info("message %d to %s: sent via %s", job.id, mask(job.receiver), outcome.via)
+        elif isinstance(outcome, Failed):
+            result = Result("failed", outcome.code, outcome.reason)
+            log.warning("message %d to %s: failed: %s", job.id, mask(job.receiver), outcome.reason)
+        else:  # pragma: no cover - Outcome is a closed union
+            raise TypeError(outcome)
+        await self._resolve(job.id, result, attempts)
+        await queue.notify()
+
+    async def _sweep(self, queue: ChannelQueue) -> None:
+        """Drop what expired unsent, as soon as it expires."""
+        while True:
+            now = self.clock()
+            for p in [p for p in queue.jobs.values() if not p.reserved and p.job.expires_at <= now]:
+                del queue.jobs[p.job.id]
+                result = self._expiry_result(queue.channel, p)
+                log.warning("message %d to %s: dropped at expiration (%s)", p.job.id,
+                            mask(p.job.receiver), result.reason)
+                await self._resolve(p.job.id, result, p.job.attempts)
+            nxt = queue.next_expiry()
+            sleep = _MAX_SWEEP_SLEEP if nxt is None else min(max(nxt - now, 0.01), _MAX_SWEEP_SLEEP)
+            queue.sweep_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(queue.sweep_now.wait(), sleep)
+
+    @staticmethod
+    def _expiry_result(channel: Channel, p: _Pending) -> Result:
+        if channel.name == "sms" and not channel.usable():
+            return Result("expired", Code.NO_DEVICE_CONNECTED,
+                          "no modem could take the message before it expired")
+        if p.last_error:
+            return Result("expired", Code.FAILED,
+                          f"not delivered before expiration: {p.last_error}")
+        return Result("expired", Code.EXPIRED, "expired before it could be sent")
+
+    async def _resolve(self, job_id: int, result: Result, attempts: int) -> None:
+        await self._record_final(job_id, result, attempts)
+        fut = self._futures.pop(job_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(result)
+
+    async def _record_final(self, job_id: int, result: Result, attempts: int) -> None:
+        try:
+            await self.store.finish_message(
+                job_id, state=result.state, code=result.code.value, reason=result.reason,
+                via=result.via, attempts=attempts, now=self.clock(),
+            )
+        except StoreError as exc:
+            # The row stays pending on disk: after a restart it is tried again
+            # (or expires). Better a rare duplicate than a lost message.
+            self.healthy = False
+            log.error("message %d: could not record final state: %s", job_id, exc)
+        else:
+            self.healthy = True
+
+    async def _run_channel(self, queue: ChannelQueue) -> None:
+        """Keep the channel running; a crash in it is logged and it is restarted."""
+        delay = 1.0
+        while True:
+            try:
+                await queue.channel.run(queue)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("channel %s crashed; restarting in %.0fs", queue.channel.name, delay)
+                for p in queue.jobs.values():
+                    p.reserved = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+
+def _with_attempts(job: Job, attempts: int) -> Job:
+    return Job(job.id, job.channel, job.receiver, job.subject, job.text, job.expires_at,
+               attempts, job.created_at)

@@ -1,0 +1,305 @@
+"""Executes commands: the only place where otpd's business rules live.
+
+Transports hand in a parsed :class:`~otpd.protocol.Envelope`; the service
+checks the receiver, block list and lifetimes, stores what must be sent (with
+the OTP hash, atomically), hands it to the delivery engine and answers with a
+:class:`~otpd.protocol.Response`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from otpd import otp as otpmod
+from otpd.channel import Channel, Job
+from otpd.codes import Code
+from otpd.config import Settings
+from otpd.delivery import DeliveryEngine, Result
+from otpd.msisdn import InvalidReceiver, canonical_receiver, is_email, mask
+from otpd.protocol import (
+    BlockMsisdn,
+    Command,
+    Echo,
+    Envelope,
+    GetModemList,
+    ProtocolError,
+    RequestOtp,
+    RequestUssd,
+    Response,
+    SendEmail,
+    SendMessage,
+    SendSms,
+    UnblockMsisdn,
+    VerifyOtp,
+    render_template,
+)
+from otpd.sealing import Sealer
+from otpd.store import Duplicate, NewMessage, NewOtp, OtpRecord, SqliteStore, StoreError, VerifyResult
+
+log = logging.getLogger("otpd.service")
+
+OnStored = Callable[[], Awaitable[None]]
+
+_VERIFY_CODES = {
+    VerifyResult.OK: (Code.SUCCESS, None),
+    VerifyResult.WRONG: (Code.INVALID_OTP, "invalid OTP"),
+    VerifyResult.UNKNOWN: (Code.INVALID_OTP, "invalid OTP"),
+    VerifyResult.USED: (Code.INVALID_OTP, "invalid OTP"),
+    VerifyResult.EXPIRED: (Code.EXPIRED, "OTP expired"),
+    VerifyResult.BURNED: (Code.TOO_MANY_ATTEMPTS, "too many attempts: the OTP is no longer valid"),
+}
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SqliteStore,
+        engine: DeliveryEngine,
+        channels: dict[str, Channel],
+        server_key: bytes,
+        sealer: Sealer,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.channels = channels
+        self.key = server_key
+        self.sealer = sealer
+        self.clock = clock
+
+    async def execute(
+        self,
+        env: Envelope,
+        *,
+        wait: float | None = None,
+        on_stored: OnStored | None = None,
+        transport: str = "",
+    ) -> Response:
+        """Run one command. ``on_stored`` is awaited once the command is durable
+        (brokers acknowledge there); ``wait`` bounds the wait for a send result."""
+        cmd = env.command
+        wait = self.settings.delivery.wait if wait is None else wait
+        try:
+            response = await self._dispatch(env.name, cmd, wait, on_stored)
+        except ProtocolError as exc:
+            response = Response(env.name, exc.code, _echo(cmd, None), exc.message)
+        except StoreError as exc:
+            log.error("%s: %s", env.name, exc)
+            response = Response(env.name, Code.FAILED, _echo(cmd, None),
+                                "the gateway cannot store the request right now; retry later",
+                                transient=True)
+        receiver = getattr(cmd, "receiver", "")
+        log.info("%s %s%s -> %s", transport or "-", env.name,
+                 f" {mask(receiver)}" if receiver else "", response.code.value)
+        return response
+
+    async def _dispatch(
+        self, name: str, cmd: Command, wait: float, on_stored: OnStored | None
+    ) -> Response:
+        match cmd:
+            case RequestOtp():
+                return await self._request_otp(name, cmd, wait, on_stored)
+            case SendSms() | SendEmail() | SendMessage():
+                return await self._send(name, cmd, wait, on_stored)
+            case VerifyOtp():
+                return await self._verify(name, cmd)
+            case BlockMsisdn():
+                receiver = self._receiver(cmd.receiver)
+                await self.store.block(receiver, self.clock())
+                return Response(name, Code.SUCCESS, _echo(cmd, None))
+            case UnblockMsisdn():
+                receiver = self._receiver(cmd.receiver)
+                await self.store.unblock(receiver)
+                return Response(name, Code.SUCCESS, _echo(cmd, None))
+            case GetModemList():
+                status = self.channels["sms"].status()
+                modems = {m.get("name", str(i)): m for i, m in enumerate(status.get("modems", []))}
+                return Response(name, Code.SUCCESS, {"modem_list": modems})
+            case RequestUssd():
+                return await self._ussd(name, cmd)
+            case Echo():
+                return Response(name, Code.SUCCESS, cmd.data)
+        raise ProtocolError(Code.UNKNOWN_COMMAND, f"command: {name} is not supported", name)
+
+    # -- sending ---------------------------------------------------------------
+    def _receiver(self, receiver: str) -> str:
+        try:
+            return canonical_receiver(receiver, self.settings.otp.country_code)
+        except InvalidReceiver as exc:
+            raise ProtocolError(Code.INVALID_REQUEST, f"data.receiver: {exc}") from None
+
+    def _channel_for(self, cmd: Command, receiver: str) -> str:
+        if isinstance(cmd, SendSms):
+            if is_email(receiver):
+                raise ProtocolError(Code.INVALID_REQUEST,
+                                    "data.receiver: send-sms needs a phone number")
+            return "sms"
+        if isinstance(cmd, SendEmail):
+            if not is_email(receiver):
+                raise ProtocolError(Code.INVALID_REQUEST,
+                                    "data.receiver: send-email needs an email address")
+            return "email"
+        return "email" if is_email(receiver) else "sms"
+
+    def _unavailable(self, name: str, cmd: Command, channel: str) -> Response | None:
+        if self.channels[channel].configured():
+            return None
+        if channel == "sms":
+            return Response(name, Code.SERIAL_PORT_NULL, _echo(cmd, None),
+                            "no SMS modem is configured")
+        return Response(name, Code.FAILED, _echo(cmd, None), "no SMTP account is configured")
+
+    def _expires_at(self, expiration: int | None, now: float, default: int, maximum: int) -> float:
+        if expiration is None:
+            return now + default
+        return float(min(expiration, now + maximum))
+
+    async def _prepare(
+        self, name: str, cmd: RequestOtp | SendSms | SendEmail | SendMessage
+    ) -> tuple[str, str, float] | Response:
+        """Receiver, channel and expiry; or the response refusing the command."""
+        receiver = self._receiver(cmd.receiver)
+        channel = self._channel_for(cmd, receiver)
+        if await self.store.is_blocked(receiver):
+            return Response(name, Code.BLOCKED, _echo(cmd, None), "receiver is blocked")
+        refused = self._unavailable(name, cmd, channel)
+        if refused is not None:
+            return refused
+        now = self.clock()
+        if isinstance(cmd, RequestOtp):
+            lifetimes = (self.settings.otp.default_lifetime, self.settings.otp.max_lifetime)
+        else:
+            lifetimes = (self.settings.delivery.default_lifetime,
+                         self.settings.delivery.max_lifetime)
+        expires_at = self._expires_at(cmd.expiration, now, *lifetimes)
+        if expires_at <= now:
+            return Response(name, Code.EXPIRED, _echo(cmd, None), "expiration is already past")
+        return receiver, channel, expires_at
+
+    async def _request_otp(
+        self, name: str, cmd: RequestOtp, wait: float, on_stored: OnStored | None
+    ) -> Response:
+        prepared = await self._prepare(name, cmd)
+        if isinstance(prepared, Response):
+            return prepared
+        receiver, channel, expires_at = prepared
+        now = self.clock()
+        code = otpmod.generate_code(self.settings.otp.length)
+        salt = otpmod.new_salt()
+        digest = otpmod.otp_digest(self.key, salt, cmd.reference, code, receiver, cmd.params)
+        subject = cmd.subject or self.settings.otp.email_subject
+        text = render_template(cmd.message, code)
+        del code  # from here on only the sealed outbox text holds it
+        msg = NewMessage(
+            command=name, channel=channel, receiver=receiver, subject=subject,
+            sealed=self.sealer.seal(text, receiver), created_at=now, expires_at=expires_at,
+        )
+        otp_row = NewOtp(cmd.reference, receiver, salt, digest, now, expires_at)
+        inserted = await self.store.insert_message(msg, otp_row)
+        if isinstance(inserted, Duplicate):
+            return Response(name, Code.DUPLICATED, _echo(cmd, None), "reference already used")
+        return await self._deliver(name, cmd, inserted.id, msg, text, wait, on_stored)
+
+    async def _send(
+        self, name: str, cmd: SendSms | SendEmail | SendMessage, wait: float,
+        on_stored: OnStored | None,
+    ) -> Response:
+        prepared = await self._prepare(name, cmd)
+        if isinstance(prepared, Response):
+            return prepared
+        receiver, channel, expires_at = prepared
+        subject = ""
+        if channel == "email":
+            subject = getattr(cmd, "subject", None) or self.settings.otp.email_subject
+        msg = NewMessage(
+            command=name, channel=channel, receiver=receiver, subject=subject,
+            sealed=self.sealer.seal(cmd.message, receiver), created_at=self.clock(),
+            expires_at=expires_at,
+            # Same id for the same receiver = the same message (e.g. published to
+            # two brokers): send it once.
+            dedupe_key=f"{cmd.id}|{receiver}" if cmd.id else None,
+        )
+        inserted = await self.store.insert_message(msg)
+        if isinstance(inserted, Duplicate):
+            data = _echo(cmd, None)
+            if inserted.message is not None:
+                data["status"] = inserted.message.state
+                data["first_response_code"] = inserted.message.code or Code.PENDING.value
+            return Response(name, Code.DUPLICATED, data, "message id already accepted")
+        return await self._deliver(name, cmd, inserted.id, msg, cmd.message, wait, on_stored)
+
+    async def _deliver(
+        self,
+        name: str,
+        cmd: RequestOtp | SendSms | SendEmail | SendMessage,
+        message_id: int,
+        msg: NewMessage,
+        text: str,
+        wait: float,
+        on_stored: OnStored | None,
+    ) -> Response:
+        if on_stored is not None:
+            await on_stored()
+        job = Job(id=message_id, channel=msg.channel, receiver=msg.receiver, subject=msg.subject,
+                  text=text, expires_at=msg.expires_at, attempts=0, created_at=msg.created_at)
+        fut = await self.engine.submit(job)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(fut), wait) if wait > 0 else None
+        except TimeoutError:
+            result = None
+        data = _echo(cmd, None)
+        if result is None:
+            return Response(name, Code.PENDING, data, "accepted; delivery is still pending")
+        return _result_response(name, data, result)
+
+    # -- verification ------------------------------------------------------------
+    async def _verify(self, name: str, cmd: VerifyOtp) -> Response:
+        receiver = self._receiver(cmd.receiver)
+
+        def matches(record: OtpRecord) -> bool:
+            return otpmod.otp_matches(self.key, record.salt, record.digest, cmd.reference,
+                                      cmd.otp, receiver, cmd.params)
+
+        outcome = await self.store.verify_otp(cmd.reference, self.clock(), matches,
+                                              self.settings.otp.max_attempts)
+        code, message = _VERIFY_CODES[outcome]
+        return Response(name, code, _echo(cmd, None), message)
+
+    async def _ussd(self, name: str, cmd: RequestUssd) -> Response:
+        sms = self.channels["sms"]
+        ussd = getattr(sms, "ussd", None)
+        if ussd is None or not sms.configured():
+            return Response(name, Code.SERIAL_PORT_NULL, {}, "no SMS modem is configured")
+        try:
+            data: dict[str, Any] = await ussd(cmd.modem_id, cmd.ussd_code)
+        except (LookupError, ValueError, OSError, TimeoutError) as exc:
+            return Response(name, Code.FAILED, {}, f"USSD failed: {exc}")
+        return Response(name, Code.SUCCESS, data)
+
+
+def _echo(cmd: Command, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The request fields a client expects back (date_time always a number)."""
+    data: dict[str, Any] = {}
+    date_time = getattr(cmd, "date_time", None)
+    data["date_time"] = date_time if date_time is not None else int(time.time())
+    for key in ("receiver", "reference", "id"):
+        value = getattr(cmd, key, None)
+        if value:
+            data[key] = value
+    if extra:
+        data.update(extra)
+    return data
+
+
+def _result_response(name: str, data: dict[str, Any], result: Result) -> Response:
+    data = dict(data, status=result.state)
+    if result.via:
+        data["via"] = result.via
+    return Response(name, result.code, data, result.reason if result.code != Code.SUCCESS else None)
+

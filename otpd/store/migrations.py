@@ -1,0 +1,82 @@
+"""Forward-only schema migrations, applied in order at start-up."""
+
+from __future__ import annotations
+
+import sqlite3
+
+# Each entry moves the schema from version i to i+1. Never edit a released step:
+# add a new one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE otp (
+        reference  TEXT PRIMARY KEY,
+        receiver   TEXT NOT NULL,
+        salt       BLOB NOT NULL,
+        digest     BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        state      TEXT NOT NULL CHECK (state IN ('active', 'used', 'burned'))
+    );
+    CREATE INDEX otp_expires ON otp (expires_at);
+    CREATE TABLE blocklist (
+        receiver   TEXT PRIMARY KEY,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE outbox (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        dedupe_key      TEXT UNIQUE,
+        command         TEXT NOT NULL,
+        channel         TEXT NOT NULL CHECK (channel IN ('sms', 'email')),
+        receiver        TEXT NOT NULL,
+        subject         TEXT NOT NULL DEFAULT '',
+        sealed          BLOB,
+        otp_reference   TEXT,
+        state           TEXT NOT NULL
+                        CHECK (state IN ('pending', 'sent', 'failed', 'expired')),
+        code            TEXT,
+        reason          TEXT,
+        via             TEXT,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        created_at      REAL NOT NULL,
+        expires_at      REAL NOT NULL,
+        next_attempt_at REAL NOT NULL,
+        finished_at     REAL
+    );
+    CREATE INDEX outbox_pending ON outbox (state) WHERE state = 'pending';
+    CREATE INDEX outbox_finished ON outbox (finished_at);
+    INSERT INTO meta (key, value) VALUES ('schema', '0');
+    """,
+]
+
+
+class SchemaTooNew(Exception):
+    pass
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).fetchone()
+    if not exists:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to the newest version; each step in its own transaction."""
+    version = current_version(conn)
+    if version > len(MIGRATIONS):
+        raise SchemaTooNew(
+            f"store.path: database schema {version} is newer than this otpd"
+            f" ({len(MIGRATIONS)}); upgrade otpd"
+        )
+    for target in range(version + 1, len(MIGRATIONS) + 1):
+        script = MIGRATIONS[target - 1]
+        # executescript commits first; wrap the step so it applies fully or not at all.
+        conn.executescript(
+            "BEGIN;\n" + script + f"\nUPDATE meta SET value = '{target}' WHERE key = 'schema';\nCOMMIT;"
+        )
+    return len(MIGRATIONS)

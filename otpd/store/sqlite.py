@@ -1,0 +1,278 @@
+"""SQLite store: OTP hashes, the block list and the durable outbox.
+
+One connection used by one dedicated thread, so every write is serialised
+without locks and the event loop never blocks on disk. WAL with
+``synchronous=FULL``: once a method returns, its change survives a power cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from otpd.store.migrations import migrate
+from otpd.store.records import (
+    Duplicate,
+    Inserted,
+    MessageRow,
+    NewMessage,
+    NewOtp,
+    OtpRecord,
+    StoreError,
+    VerifyResult,
+)
+
+T = TypeVar("T")
+
+_MESSAGE_COLUMNS = (
+    "id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason, via,"
+    " attempts, created_at, expires_at, next_attempt_at, finished_at"
+)
+
+
+class SqliteStore:
+    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, path: Path) -> None:
+        self._conn = conn
+        self._executor = executor
+        self.path = path
+
+    # -- life cycle ----------------------------------------------------------
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otpd-store")
+        loop = asyncio.get_running_loop()
+        try:
+            conn = await loop.run_in_executor(executor, _connect, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(conn, executor, path)
+
+    async def close(self) -> None:
+        await self._run(self._conn.close)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn)
+        except sqlite3.Error as exc:
+            raise StoreError(_describe(exc)) from exc
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
+        def run() -> T:
+            with self._conn:  # BEGIN ... COMMIT, or ROLLBACK on any exception
+                return fn(self._conn)
+
+        return run
+
+    async def check_writable(self) -> None:
+        """A tiny real write, for readiness checks."""
+        await self._run(
+            self._tx(lambda c: c.execute("UPDATE meta SET value = value WHERE key = 'schema'"))
+        )
+
+    # -- outbox and OTPs -----------------------------------------------------
+    async def insert_message(
+        self, msg: NewMessage, otp: NewOtp | None = None
+    ) -> Inserted | Duplicate:
+        """Store a message to send (and its OTP) atomically, unless it is a duplicate."""
+
+        def run(c: sqlite3.Connection) -> Inserted | Duplicate:
+            if otp is not None:
+                if c.execute("SELECT 1 FROM otp WHERE reference = ?", (otp.reference,)).fetchone():
+                    return Duplicate(kind="reference", message=None)
+                c.execute(
+                    "INSERT INTO otp (reference, receiver, salt, digest, created_at, expires_at,"
+                    " attempts, state) VALUES (?, ?, ?, ?, ?, ?, 0, 'active')",
+                    (otp.reference, otp.receiver, otp.salt, otp.digest, otp.created_at,
+                     otp.expires_at),
+                )
+            if msg.dedupe_key is not None:
+                row = c.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM outbox WHERE dedupe_key = ?",
+                    (msg.dedupe_key,),
+                ).fetchone()
+                if row is not None:
+                    return Duplicate(kind="id", message=_message(row))
+            cur = c.execute(
+                "INSERT INTO outbox (dedupe_key, command, channel, receiver, subject, sealed,"
+                " otp_reference, state, attempts, created_at, expires_at, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
+                (msg.dedupe_key, msg.command, msg.channel, msg.receiver, msg.subject, msg.sealed,
+                 otp.reference if otp else None, msg.created_at, msg.expires_at, msg.created_at),
+            )
+            assert cur.lastrowid is not None
+            return Inserted(cur.lastrowid)
+
+        return await self._run(self._tx(run))
+
+    async def pending_messages(self) -> list[MessageRow]:
+        def run(c: sqlite3.Connection) -> list[MessageRow]:
+            rows = c.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM outbox WHERE state = 'pending' ORDER BY id"
+            ).fetchall()
+            return [_message(r) for r in rows]
+
+        return await self._run(self._tx(run))
+
+    async def message(self, message_id: int) -> MessageRow | None:
+        def run(c: sqlite3.Connection) -> MessageRow | None:
+            row = c.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM outbox WHERE id = ?", (message_id,)
+            ).fetchone()
+            return _message(row) if row else None
+
+        return await self._run(self._tx(run))
+
+    async def record_retry(
+        self, message_id: int, attempts: int, next_attempt_at: float, reason: str
+    ) -> None:
+        await self._run(self._tx(lambda c: c.execute(
+            "UPDATE outbox SET attempts = ?, next_attempt_at = ?, reason = ?"
+            " WHERE id = ? AND state = 'pending'",
+            (attempts, next_attempt_at, reason, message_id),
+        )))
+
+    async def finish_message(
+        self,
+        message_id: int,
+        *,
+        state: str,
+        code: str,
+        reason: str,
+        via: str,
+        attempts: int,
+        now: float,
+    ) -> None:
+        """Make a message final and wipe its text. A request-otp whose message was
+        not sent loses its OTP too, so the client may retry with the same reference."""
+
+        def run(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE outbox SET state = ?, code = ?, reason = ?, via = ?, attempts = ?,"
+                " finished_at = ?, sealed = NULL WHERE id = ?",
+                (state, code, reason, via, attempts, now, message_id),
+            )
+            if state != "sent":
+                c.execute(
+                    "DELETE FROM otp WHERE state = 'active' AND reference ="
+                    " (SELECT otp_reference FROM outbox WHERE id = ?)",
+                    (message_id,),
+                )
+
+        await self._run(self._tx(run))
+
+    async def verify_otp(
+        self,
+        reference: str,
+        now: float,
+        matches: Callable[[OtpRecord], bool],
+        max_attempts: int,
+    ) -> VerifyResult:
+        """Check a code atomically: success consumes the OTP, the last wrong try burns it."""
+
+        def run(c: sqlite3.Connection) -> VerifyResult:
+            row = c.execute(
+                "SELECT reference, receiver, salt, digest, expires_at, attempts, state"
+                " FROM otp WHERE reference = ?",
+                (reference,),
+            ).fetchone()
+            if row is None:
+                return VerifyResult.UNKNOWN
+            record = OtpRecord(*row)
+            if record.state == "used":
+                return VerifyResult.USED
+            if record.state == "burned":
+                return VerifyResult.BURNED
+            if now >= record.expires_at:
+                return VerifyResult.EXPIRED
+            if matches(record):
+                c.execute("UPDATE otp SET state = 'used' WHERE reference = ?", (reference,))
+                return VerifyResult.OK
+            attempts = record.attempts + 1
+            burned = attempts >= max_attempts
+            c.execute(
+                "UPDATE otp SET attempts = ?, state = ? WHERE reference = ?",
+                (attempts, "burned" if burned else "active", reference),
+            )
+            return VerifyResult.BURNED if burned else VerifyResult.WRONG
+
+        return await self._run(self._tx(run))
+
+    # -- block list ----------------------------------------------------------
+    async def block(self, receiver: str, now: float) -> None:
+        await self._run(self._tx(lambda c: c.execute(
+            "INSERT OR IGNORE INTO blocklist (receiver, created_at) VALUES (?, ?)",
+            (receiver, now),
+        )))
+
+    async def unblock(self, receiver: str) -> bool:
+        def run(c: sqlite3.Connection) -> bool:
+            return c.execute("DELETE FROM blocklist WHERE receiver = ?", (receiver,)).rowcount > 0
+
+        return await self._run(self._tx(run))
+
+    async def is_blocked(self, receiver: str) -> bool:
+        def run(c: sqlite3.Connection) -> bool:
+            row = c.execute("SELECT 1 FROM blocklist WHERE receiver = ?", (receiver,)).fetchone()
+            return row is not None
+
+        return await self._run(self._tx(run))
+
+    # -- housekeeping --------------------------------------------------------
+    async def purge(self, otp_before: float, messages_before: float) -> tuple[int, int]:
+        """Bulk-delete OTPs that expired before ``otp_before`` and final messages
+        finished before ``messages_before``. Returns (otps, messages) deleted."""
+
+        def run(c: sqlite3.Connection) -> tuple[int, int]:
+            otps = c.execute("DELETE FROM otp WHERE expires_at < ?", (otp_before,)).rowcount
+            msgs = c.execute(
+                "DELETE FROM outbox WHERE state != 'pending' AND finished_at < ?",
+                (messages_before,),
+            ).rowcount
+            return otps, msgs
+
+        return await self._run(self._tx(run))
+
+    async def counts(self) -> dict[str, int]:
+        def run(c: sqlite3.Connection) -> dict[str, int]:
+            out = {"otp": c.execute("SELECT count(*) FROM otp").fetchone()[0],
+                   "blocked": c.execute("SELECT count(*) FROM blocklist").fetchone()[0]}
+            for state, n in c.execute("SELECT state, count(*) FROM outbox GROUP BY state"):
+                out[f"outbox_{state}"] = n
+            return out
+
+        return await self._run(self._tx(run))
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"store.path: {path} does not support WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _message(row: tuple[object, ...]) -> MessageRow:
+    return MessageRow(*row)  # type: ignore[arg-type]
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    text = str(exc)
+    if "disk is full" in text or "disk I/O" in text:
+        return f"store write failed: {text}"
+    return f"store error: {text}"

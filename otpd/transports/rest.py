@@ -1,0 +1,148 @@
+"""REST transport (aiohttp): HTTP Basic auth, JSON in, JSON out.
+
+Compatible with OTP-Publisher's PHP client: the body is JSON whatever the
+Content-Type says, every answer (401 included) is a JSON object with
+``command``, ``response_code`` and ``data``, and the JSON ``command`` decides
+what happens, not the path.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from otpd.codes import Code
+from otpd.config import ServerSettings
+from otpd.htpasswd import HtpasswdFile
+from otpd.protocol import ProtocolError, Response, error_response, parse_request
+from otpd.service import Service
+
+log = logging.getLogger("otpd.rest")
+
+_REALM = 'Basic realm="otpd", charset="UTF-8"'
+_USER_KEY = web.AppKey("user", str)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: dict[str, Any], status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+        charset="utf-8",
+        headers=headers,
+    )
+
+
+def _error(code: Code, message: str, status: int, command: str = "",
+           headers: dict[str, str] | None = None) -> web.Response:
+    return json_response(Response(command or "unknown", code, {}, message).to_json(), status,
+                         headers)
+
+
+def parse_basic_auth(header: str) -> tuple[str, str] | None:
+    """``Basic base64(user:pass)`` -> (user, pass); split at the first colon."""
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    user, sep, password = text.partition(":")
+    return (user, password) if sep and user else None
+
+
+class RestApi:
+    def __init__(self, settings: ServerSettings, service: Service, users: HtpasswdFile | None,
+                 wait: float) -> None:
+        self.settings = settings
+        self.service = service
+        self.users = users
+        self.wait = wait
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.settings.max_body,
+            middlewares=[self._errors_as_json],
+        )
+        for path in self.settings.paths:
+            app.router.add_route("*", path, self._handle)
+        return app
+
+    async def start(self) -> None:
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        ssl_ctx = None
+        if self.settings.tls_cert:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        site = web.TCPSite(runner, self.settings.host, self.settings.port, ssl_context=ssl_ctx,
+                           reuse_address=True)
+        await site.start()
+        self._runner = runner
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
+        log.info("REST API listening on %s://%s:%s", "https" if ssl_ctx else "http",
+                 self.settings.host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _errors_as_json(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """aiohttp's own errors (404, 405, 413...) as JSON bodies like every other answer."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = Code.INVALID_REQUEST
+            if exc.status == 413:
+                message = f"request body larger than {self.settings.max_body} bytes"
+            else:
+                message = exc.reason
+            headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+            return _error(code, message, exc.status, headers=headers)
+
+    async def _authenticate(self, request: web.Request) -> str | None:
+        creds = parse_basic_auth(request.headers.get("Authorization", ""))
+        if creds is None or self.users is None:
+            return None
+        user, password = creds
+        return user if await self.users.verify_async(user, password) else None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in ("POST", "PUT"):
+            return _error(Code.INVALID_REQUEST, "use POST or PUT", 405,
+                          headers={"Allow": "POST, PUT"})
+        user = await self._authenticate(request)
+        if user is None:
+            return _error(Code.UNAUTHORIZED, "unauthorized", 401,
+                          headers={"WWW-Authenticate": _REALM})
+        body = await request.read()
+        try:
+            env = parse_request(body)
+        except ProtocolError as exc:
+            status = 400 if exc.code == Code.INVALID_REQUEST and not exc.command else 200
+            return json_response(error_response(exc).to_json(), status)
+        response = await self.service.execute(env, wait=self.wait, transport=f"rest:{user}")
+        status = 503 if response.transient else 200
+        return json_response(response.to_json(), status)

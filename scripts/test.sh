@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite, with its own set-up: virtual environment, install,
+# lint (ruff), types (mypy), then pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/venv.sh test
+.venv/bin/ruff check otpd tests bench
+.venv/bin/mypy
+.venv/bin/python -m pytest -q "$@"
