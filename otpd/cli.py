@@ -12,15 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from otpd import __version__
-from otpd.confread import ConfigError
 from otpd.config import DEFAULT_CONFIG, Settings, load_settings
+from otpd.confread import ConfigError
 from otpd.logsetup import setup_logging
 
 _SECRET_KEYS = ("password", "pin", "secret", "token", "api_key")
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", type=Path, default=Path(os.environ.get("OTPD_CONFIG", DEFAULT_CONFIG)),
+    default = Path(os.environ.get("OTPD_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("--config", "-c", type=Path, default=default,
                    help=f"configuration file (default {DEFAULT_CONFIG}, or $OTPD_CONFIG)")
 
 

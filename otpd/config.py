@@ -205,7 +205,7 @@ def _smtp(s: Section) -> SmtpAccount:
     username = s.str("username", "")
     out = SmtpAccount(
         name=s.str("name", f"{s.path}"),
-        host=s.str("host", "127.0.0.1", required=True),
+        host=s.str("host", "127.0.0.1"),
         port=s.int("port", default_port, min=1, max=65535),
         security=security,
         username=username,

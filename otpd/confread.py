@@ -7,6 +7,7 @@ instead of a traceback or a silently ignored setting.
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,41 +25,43 @@ class ConfigError(Exception):
 class Section:
     """A TOML table being read; records errors instead of raising."""
 
-    def __init__(self, data: Mapping[str, Any], path: str, errors: list[str]) -> None:
+    def __init__(
+        self, data: Mapping[builtins.str, Any], path: builtins.str, errors: list[builtins.str]
+    ) -> None:
         self.data = data
         self.path = path
         self.errors = errors
-        self._seen: set[str] = set()
+        self._seen: set[builtins.str] = set()
 
     # -- helpers -----------------------------------------------------------
-    def key(self, key: str) -> str:
+    def key(self, key: builtins.str) -> builtins.str:
         return f"{self.path}.{key}" if self.path else key
 
-    def error(self, key: str, message: str) -> None:
+    def error(self, key: builtins.str, message: builtins.str) -> None:
         self.errors.append(f"{self.key(key)}: {message}")
 
-    def has(self, key: str) -> bool:
+    def has(self, key: builtins.str) -> builtins.bool:
         return key in self.data
 
-    def _get(self, key: str) -> Any:
+    def _get(self, key: builtins.str) -> Any:
         self._seen.add(key)
         return self.data.get(key)
 
     # -- scalar readers ----------------------------------------------------
     def str(
         self,
-        key: str,
-        default: str,
+        key: builtins.str,
+        default: builtins.str,
         *,
-        choices: Sequence[str] | None = None,
-        required: bool = False,
-    ) -> str:
+        choices: Sequence[builtins.str] | None = None,
+        required: builtins.bool = False,
+    ) -> builtins.str:
         value = self._get(key)
         if value is None:
             if required:
                 self.error(key, "is required")
             return default
-        if not isinstance(value, str):
+        if not isinstance(value, builtins.str):
             self.error(key, "must be a string")
             return default
         if required and not value.strip():
@@ -68,11 +71,18 @@ class Section:
             return default
         return value
 
-    def int(self, key: str, default: int, *, min: int | None = None, max: int | None = None) -> int:
+    def int(
+        self,
+        key: builtins.str,
+        default: builtins.int,
+        *,
+        min: builtins.int | None = None,
+        max: builtins.int | None = None,
+    ) -> builtins.int:
         value = self._get(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, builtins.bool) or not isinstance(value, builtins.int):
             self.error(key, "must be an integer")
             return default
         if (min is not None and value < min) or (max is not None and value > max):
@@ -81,12 +91,17 @@ class Section:
         return value
 
     def float(
-        self, key: str, default: float, *, min: float | None = None, max: float | None = None
-    ) -> float:
+        self,
+        key: builtins.str,
+        default: builtins.float,
+        *,
+        min: builtins.float | None = None,
+        max: builtins.float | None = None,
+    ) -> builtins.float:
         value = self._get(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, builtins.bool) or not isinstance(value, builtins.int | builtins.float):
             self.error(key, "must be a number")
             return default
         if (min is not None and value < min) or (max is not None and value > max):
@@ -94,35 +109,39 @@ class Section:
             return default
         return float(value)
 
-    def bool(self, key: str, default: bool) -> bool:
+    def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._get(key)
         if value is None:
             return default
-        if not isinstance(value, bool):
+        if not isinstance(value, builtins.bool):
             self.error(key, "must be true or false")
             return default
         return value
 
-    def str_list(self, key: str, default: Sequence[str] = ()) -> list[str]:
+    def str_list(
+        self, key: builtins.str, default: Sequence[builtins.str] = ()
+    ) -> list[builtins.str]:
         value = self._get(key)
         if value is None:
             return list(default)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, list) or not all(isinstance(v, builtins.str) for v in value):
             self.error(key, "must be a list of strings")
             return list(default)
         return list(value)
 
-    def host_port(self, key: str, default: str) -> tuple[str, int]:
+    def host_port(
+        self, key: builtins.str, default: builtins.str
+    ) -> tuple[builtins.str, builtins.int]:
         text = self.str(key, default)
         host, sep, port_text = text.rpartition(":")
         host = host.strip("[]")
         if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
             self.error(key, "must be HOST:PORT with a port 0..65535")
             host, _, port_text = default.rpartition(":")
-            return host.strip("[]"), int(port_text)
-        return host, int(port_text)
+            return host.strip("[]"), builtins.int(port_text)
+        return host, builtins.int(port_text)
 
-    def secret(self, key: str, default: str = "") -> str:
+    def secret(self, key: builtins.str, default: builtins.str = "") -> builtins.str:
         """A secret given inline (``key``), in a file (``key_file``) or in the
         environment (``key_env`` names the variable). At most one may be set."""
         inline = self._get(key)
@@ -132,11 +151,11 @@ class Section:
         if len(given) > 1:
             self.error(key, f"give only one of {', '.join(given)}")
             return default
-        if inline is not None and not isinstance(inline, str):
+        if inline is not None and not isinstance(inline, builtins.str):
             self.error(key, "must be a string")
             return default
         if file_:
-            if not isinstance(file_, str):
+            if not isinstance(file_, builtins.str):
                 self.error(f"{key}_file", "must be a path string")
                 return default
             try:
@@ -145,17 +164,17 @@ class Section:
                 self.error(f"{key}_file", f"cannot read {file_}: {exc.strerror}")
                 return default
         if env:
-            if not isinstance(env, str):
+            if not isinstance(env, builtins.str):
                 self.error(f"{key}_env", "must be an environment variable name")
                 return default
             if env not in os.environ:
                 self.error(f"{key}_env", f"environment variable {env} is not set")
                 return default
             return os.environ[env]
-        return inline if isinstance(inline, str) else default
+        return inline if isinstance(inline, builtins.str) else default
 
     # -- nested tables -----------------------------------------------------
-    def section(self, key: str) -> Section | None:
+    def section(self, key: builtins.str) -> Section | None:
         value = self._get(key)
         if value is None:
             return None
@@ -164,7 +183,7 @@ class Section:
             return None
         return Section(value, self.key(key), self.errors)
 
-    def sections(self, key: str) -> list[Section]:
+    def sections(self, key: builtins.str) -> list[Section]:
         value = self._get(key)
         if value is None:
             return []

@@ -124,7 +124,9 @@ class DeliveryEngine:
         if resumed:
             log.info("resumed %d pending message(s) from the outbox", resumed)
         for name, queue in self.queues.items():
-            self._tasks.append(asyncio.create_task(self._run_channel(queue), name=f"channel-{name}"))
+            self._tasks.append(
+                asyncio.create_task(self._run_channel(queue), name=f"channel-{name}")
+            )
             self._tasks.append(asyncio.create_task(self._sweep(queue), name=f"expiry-{name}"))
 
     async def stop(self) -> None:

@@ -103,7 +103,7 @@ class SmtpChannel:
         return healthy + resting
 
     def _delay(self, job: Job) -> float:
-        base = min(self.retry_base * 2 ** min(job.attempts, 16), self.retry_max)
+        base: float = min(self.retry_base * 2.0 ** min(job.attempts, 16), self.retry_max)
         return base * random.uniform(0.8, 1.2)
 
     async def deliver(self, job: Job) -> Outcome:
@@ -137,7 +137,7 @@ class SmtpChannel:
                 username=account.username or None,
                 password=account.password or None,
                 use_tls=account.security == "tls",
-                start_tls=True if account.security == "starttls" else False,
+                start_tls=account.security == "starttls",
                 timeout=account.timeout,
                 validate_certs=account.validate_certs,
             )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 
 _SEPARATORS = re.compile(r"[\s\-().]")
-_EMAIL = re.compile(r"^[^@\s\"<>,;]+@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]+)+$")
+_EMAIL = re.compile(
+    r"^[^@\s\"<>,;]+@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]+)+$"
+)
 
 
 class InvalidReceiver(ValueError):
@@ -42,7 +44,7 @@ def canonical_msisdn(number: str, country_code: str) -> str:
 
 
 def canonical_prefix(prefix: str, country_code: str) -> str:
-    """A routing/limit prefix in the same E.164 form as canonical numbers (``0812`` -> ``+62812``)."""
+    """A routing/limit prefix in E.164 form like canonical numbers (``0812`` -> ``+62812``)."""
     digits = _international_digits(prefix, country_code)
     if not digits.isdigit() or not digits.isascii():
         raise InvalidReceiver(f"prefix {prefix!r} must be digits with an optional leading + or 0")

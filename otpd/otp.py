@@ -80,7 +80,9 @@ def load_or_create_key(path: Path) -> bytes:
         _fsync_dir(path.parent)
     info = path.stat()
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(f"otp.key_file: {path} must not be readable by group or others (chmod 600)")
+        raise KeyFileError(
+            f"otp.key_file: {path} must not be readable by group or others (chmod 600)"
+        )
     data = path.read_bytes()
     if len(data) != KEY_BYTES:
         raise KeyFileError(f"otp.key_file: {path} must hold exactly {KEY_BYTES} bytes")

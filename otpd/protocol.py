@@ -247,7 +247,8 @@ def parse_object(obj: Any) -> Envelope:
     if not isinstance(data, dict):
         raise ProtocolError(Code.INVALID_REQUEST, "data: must be a JSON object", name)
     topic = obj.get("callback_topic")
-    if topic is not None and topic != "" and (not isinstance(topic, str) or len(topic) > MAX_TOPIC_CHARS):
+    bad_topic = not isinstance(topic, str) or len(topic) > MAX_TOPIC_CHARS
+    if topic is not None and topic != "" and bad_topic:
         raise ProtocolError(Code.INVALID_REQUEST, "callback_topic: must be a string", name)
     try:
         delay = _int(obj, "callback_delay", "callback_delay")

@@ -38,7 +38,15 @@ from otpd.protocol import (
     render_template,
 )
 from otpd.sealing import Sealer
-from otpd.store import Duplicate, NewMessage, NewOtp, OtpRecord, SqliteStore, StoreError, VerifyResult
+from otpd.store import (
+    Duplicate,
+    NewMessage,
+    NewOtp,
+    OtpRecord,
+    SqliteStore,
+    StoreError,
+    VerifyResult,
+)
 
 log = logging.getLogger("otpd.service")
 

@@ -58,7 +58,7 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "otp.key"
     load_or_create_key(path)
     os.chmod(path, 0o644)
-    with pytest.raises(KeyFileError, match="otp.key_file"):
+    with pytest.raises(KeyFileError, match=r"otp\.key_file"):
         load_or_create_key(path)
 
 

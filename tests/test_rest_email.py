@@ -227,7 +227,8 @@ async def test_pending_mail_survives_restart_and_is_sent(
         _, body = await run.client.call("send-email", data)
         assert body["response_code"] == "1201" and body["data"]["status"] == "sent"
         conn = sqlite3.connect(tmp_path / "otpd.db")
-        assert conn.execute("SELECT count(*) FROM outbox WHERE sealed IS NOT NULL").fetchone()[0] == 0
+        left = conn.execute("SELECT count(*) FROM outbox WHERE sealed IS NOT NULL").fetchone()[0]
+        assert left == 0
         conn.close()
     finally:
         await run.daemon.stop()

@@ -39,7 +39,7 @@ def test_schema_newer_than_code_is_refused(tmp_path: Path) -> None:
     migrate(conn)
     conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema'")
     conn.commit()
-    with pytest.raises(SchemaTooNew, match="store.path"):
+    with pytest.raises(SchemaTooNew, match=r"store\.path"):
         migrate(conn)
 
 

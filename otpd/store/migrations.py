@@ -76,7 +76,6 @@ def migrate(conn: sqlite3.Connection) -> int:
     for target in range(version + 1, len(MIGRATIONS) + 1):
         script = MIGRATIONS[target - 1]
         # executescript commits first; wrap the step so it applies fully or not at all.
-        conn.executescript(
-            "BEGIN;\n" + script + f"\nUPDATE meta SET value = '{target}' WHERE key = 'schema';\nCOMMIT;"
-        )
+        bump = f"UPDATE meta SET value = '{target:d}' WHERE key = 'schema';"  # noqa: S608 (an int)
+        conn.executescript(f"BEGIN;\n{script}\n{bump}\nCOMMIT;")
     return len(MIGRATIONS)

@@ -28,9 +28,21 @@ from otpd.store.records import (
 
 T = TypeVar("T")
 
-_MESSAGE_COLUMNS = (
-    "id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason, via,"
-    " attempts, created_at, expires_at, next_attempt_at, finished_at"
+# Column order matches MessageRow.
+_SELECT_BY_DEDUPE = (
+    "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
+    " via, attempts, created_at, expires_at, next_attempt_at, finished_at"
+    " FROM outbox WHERE dedupe_key = ?"
+)
+_SELECT_BY_ID = (
+    "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
+    " via, attempts, created_at, expires_at, next_attempt_at, finished_at"
+    " FROM outbox WHERE id = ?"
+)
+_SELECT_PENDING = (
+    "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
+    " via, attempts, created_at, expires_at, next_attempt_at, finished_at"
+    " FROM outbox WHERE state = 'pending' ORDER BY id"
 )
 
 
@@ -93,10 +105,7 @@ class SqliteStore:
                      otp.expires_at),
                 )
             if msg.dedupe_key is not None:
-                row = c.execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM outbox WHERE dedupe_key = ?",
-                    (msg.dedupe_key,),
-                ).fetchone()
+                row = c.execute(_SELECT_BY_DEDUPE, (msg.dedupe_key,)).fetchone()
                 if row is not None:
                     return Duplicate(kind="id", message=_message(row))
             cur = c.execute(
@@ -113,18 +122,14 @@ class SqliteStore:
 
     async def pending_messages(self) -> list[MessageRow]:
         def run(c: sqlite3.Connection) -> list[MessageRow]:
-            rows = c.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM outbox WHERE state = 'pending' ORDER BY id"
-            ).fetchall()
+            rows = c.execute(_SELECT_PENDING).fetchall()
             return [_message(r) for r in rows]
 
         return await self._run(self._tx(run))
 
     async def message(self, message_id: int) -> MessageRow | None:
         def run(c: sqlite3.Connection) -> MessageRow | None:
-            row = c.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM outbox WHERE id = ?", (message_id,)
-            ).fetchone()
+            row = c.execute(_SELECT_BY_ID, (message_id,)).fetchone()
             return _message(row) if row else None
 
         return await self._run(self._tx(run))
