@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("passwd", help="add or change a REST API user (bcrypt)")
     p.add_argument("user")
     _add_config(p)
-    p.add_argument("--file", type=Path, help="users file (default: server.users_file)")
+    p.add_argument("--users-file", "--file", dest="file", type=Path,
+                   help="users file (default: server.users_file of the config)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.set_defaults(func=cmd_passwd)
 

@@ -57,6 +57,11 @@ class ChannelQueue:
 
     # -- WorkSource ----------------------------------------------------------
     async def take(self, accept: Callable[[Job], bool] | None = None) -> Job:
+        job = await self._reserve(accept)
+        await self.engine.mark_attempt(job)
+        return job
+
+    async def _reserve(self, accept: Callable[[Job], bool] | None) -> Job:
         async with self.changed:
             while True:
                 now = self.engine.clock()
@@ -112,12 +117,19 @@ class DeliveryEngine:
         self._futures: dict[int, asyncio.Future[Result]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.healthy = True
+        self.uncertain_resends = 0
 
     async def start(self) -> None:
         """Resume what was pending at the last stop, then start the channels."""
         resumed = 0
         for row in await self.store.pending_messages():
             job = await self._job_from_row(row)
+            if job is not None and row.attempt_started is not None:
+                # Killed while a channel had it: the modem or SMTP server may
+                # have taken it before the result was recorded.
+                self.uncertain_resends += 1
+                log.warning("message %d to %s was being sent when otpd stopped; it may have"
+                            " gone out already: sending it again", row.id, mask(row.receiver))
             if job is not None:
                 self._add(job, due=row.next_attempt_at)
                 resumed += 1
@@ -178,6 +190,12 @@ class DeliveryEngine:
             attempts=row.attempts,
             created_at=row.created_at,
         )
+
+    async def mark_attempt(self, job: Job) -> None:
+        try:
+            await self.store.mark_attempt(job.id, self.clock())
+        except StoreError as exc:
+            log.error("message %d: could not record the send attempt: %s", job.id, exc)
 
     async def finish(self, queue: ChannelQueue, job: Job, outcome: Outcome) -> None:
         pending = queue.jobs.get(job.id)

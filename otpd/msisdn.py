@@ -66,8 +66,11 @@ def canonical_receiver(receiver: str, country_code: str) -> str:
 
 
 def mask(receiver: str) -> str:
-    """For logs: enough to correlate, not enough to harvest numbers."""
+    """For logs: only the last 3 digits of a number, enough to correlate
+    with a complaint, not enough to harvest numbers."""
     if is_email(receiver):
-        local, _, domain = receiver.partition("@")
-        return f"{local[:2]}***@{domain}"
-    return receiver[:-3] + "XXX" if len(receiver) > 5 else "XXX"
+        local, _, domain = receiver.rpartition("@")
+        return f"{local[:1]}***@{domain}"
+    plus = "+" if receiver.startswith("+") else ""
+    digits = receiver.removeprefix("+")
+    return plus + "*" * max(len(digits) - 3, 0) + digits[-3:]

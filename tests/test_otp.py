@@ -93,5 +93,5 @@ def test_email_receiver_and_mask() -> None:
     assert canonical_receiver("Someone@Domain.TLD", "62") == "Someone@domain.tld"
     with pytest.raises(InvalidReceiver):
         canonical_receiver("a@b", "62")
-    assert mask("+628126666666") == "+628126666XXX"
+    assert mask("+628126666123") == "+*********123"
     assert "someone" not in mask("someone@domain.tld")

@@ -269,3 +269,38 @@ async def test_smtp_recipient_rejected_fails_at_once(
         assert time.monotonic() - t0 < 4  # no retries for a permanent refusal
     finally:
         await run.daemon.stop()
+
+
+async def test_failover_to_the_next_smtp_account(
+        tmp_path: Path, smtp: SmtpServer, session: aiohttp.ClientSession) -> None:
+    from tests.conftest import free_port
+
+    dead = free_port()
+    extra = f"""
+        [[smtp]]
+        name = "dead-first"
+        host = "127.0.0.1"
+        port = {dead}
+        sender = "a@example.com"
+        timeout = 2
+    """
+    # The dead account is listed first; the live one comes from smtp_port.
+    config = write_config(tmp_path, extra, smtp_port=None)
+    config.write_text(config.read_text() + f"""
+[[smtp]]
+name = "live-second"
+host = "127.0.0.1"
+port = {smtp.port}
+sender = "OTP <otp@example.com>"
+""")
+    run = await start_daemon(config, session)
+    try:
+        _, body = await run.client.call("send-email", {"receiver": RECEIVER, "subject": "s",
+                                                       "message": "m"})
+        assert body["response_code"] == "0000"
+        assert body["data"]["via"] == "live-second"
+        assert len(smtp.sink.messages) == 1
+        status = run.daemon.status()["channels"]["email"]["accounts"]
+        assert [a["healthy"] for a in status] == [False, True]
+    finally:
+        await run.daemon.stop()

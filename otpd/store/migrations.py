@@ -48,6 +48,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX outbox_finished ON outbox (finished_at);
     INSERT INTO meta (key, value) VALUES ('schema', '0');
     """,
+    # 2: when a message was last handed to a channel, so a restart can tell a
+    # message that may already have gone out (killed mid-send) from one that did not.
+    """
+    ALTER TABLE outbox ADD COLUMN attempt_started REAL;
+    """,
 ]
 
 

@@ -61,6 +61,7 @@ class MessageRow:
     expires_at: float
     next_attempt_at: float
     finished_at: float | None
+    attempt_started: float | None  # set while a channel has it: a crash then = maybe sent
 
 
 @dataclass(frozen=True)

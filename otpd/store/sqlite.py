@@ -31,17 +31,17 @@ T = TypeVar("T")
 # Column order matches MessageRow.
 _SELECT_BY_DEDUPE = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
-    " via, attempts, created_at, expires_at, next_attempt_at, finished_at"
+    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started"
     " FROM outbox WHERE dedupe_key = ?"
 )
 _SELECT_BY_ID = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
-    " via, attempts, created_at, expires_at, next_attempt_at, finished_at"
+    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started"
     " FROM outbox WHERE id = ?"
 )
 _SELECT_PENDING = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
-    " via, attempts, created_at, expires_at, next_attempt_at, finished_at"
+    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started"
     " FROM outbox WHERE state = 'pending' ORDER BY id"
 )
 
@@ -134,12 +134,18 @@ class SqliteStore:
 
         return await self._run(self._tx(run))
 
+    async def mark_attempt(self, message_id: int, now: float) -> None:
+        """Durably note that the message is being handed to a channel now."""
+        await self._run(self._tx(lambda c: c.execute(
+            "UPDATE outbox SET attempt_started = ? WHERE id = ?", (now, message_id),
+        )))
+
     async def record_retry(
         self, message_id: int, attempts: int, next_attempt_at: float, reason: str
     ) -> None:
         await self._run(self._tx(lambda c: c.execute(
-            "UPDATE outbox SET attempts = ?, next_attempt_at = ?, reason = ?"
-            " WHERE id = ? AND state = 'pending'",
+            "UPDATE outbox SET attempts = ?, next_attempt_at = ?, reason = ?,"
+            " attempt_started = NULL WHERE id = ? AND state = 'pending'",
             (attempts, next_attempt_at, reason, message_id),
         )))
 
