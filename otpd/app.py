@@ -18,6 +18,7 @@ from otpd.otp import load_or_create_key
 from otpd.sealing import Sealer
 from otpd.service import Service
 from otpd.store import SqliteStore, StoreError
+from otpd.transports.consumer import Consumer, build_consumers
 from otpd.transports.rest import RestApi
 
 log = logging.getLogger("otpd")
@@ -59,6 +60,7 @@ class Daemon:
         self.rest: RestApi | None = None
         self.users: HtpasswdFile | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.consumers: list[Consumer] = []
         self.started = asyncio.Event()
 
     async def start(self) -> None:
@@ -78,6 +80,11 @@ class Daemon:
             self.users = self._load_users()
             self.rest = RestApi(s.server, self.service, self.users, s.delivery.wait)
             await self.rest.start()
+        # Consumers connect in the background: a broker that is down must not
+        # keep the daemon (and its REST API) from starting.
+        self.consumers = build_consumers(s.brokers, self.service, s.delivery.wait)
+        for consumer in self.consumers:
+            await consumer.start()
         self._tasks.append(asyncio.create_task(self._purge_loop(), name="purge"))
         self.started.set()
 
@@ -98,6 +105,9 @@ class Daemon:
         return users
 
     async def stop(self) -> None:
+        # Consumers first: in-flight commands still need the service and store.
+        await asyncio.gather(*(c.stop() for c in self.consumers), return_exceptions=True)
+        self.consumers = []
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -127,6 +137,7 @@ class Daemon:
         return {
             "pending": self.engine.pending_count(),
             "channels": {name: q.channel.status() for name, q in self.engine.queues.items()},
+            "brokers": [c.status() for c in self.consumers],
         }
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from otpd.confread import ConfigError, Section
 from otpd.sms.settings import SmsSettings, parse_sms_settings
+from otpd.transports.settings import BrokerSettings, parse_broker_settings
 
 DEFAULT_CONFIG = Path("/etc/otpd/otpd.toml")
 DEFAULT_PATHS = ("/api/otp", "/api/message", "/api/sms", "/api/email", "/api/block", "/api/unblock")
@@ -83,6 +84,7 @@ class Settings:
     smtp: tuple[SmtpAccount, ...]
     sms: SmsSettings
     log: LogSettings
+    brokers: BrokerSettings = field(default_factory=BrokerSettings)
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -113,6 +115,8 @@ def parse_settings(text: str, path: Path | None = None) -> Settings:
         smtp=tuple(_smtp(s) for s in root.sections("smtp")),
         sms=parse_sms_settings(root.sections("modem"), root.section("sms"), otp.country_code),
         log=_log(root.section("log") or Section({}, "log", errors)),
+        brokers=parse_broker_settings(root.section("amqp"), root.section("redis"),
+                                      root.section("mqtt"), root.section("ws")),
         source=path,
         raw=data,
     )

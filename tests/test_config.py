@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from otpd.confread import ConfigError
 from otpd.config import parse_settings
+from otpd.confread import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

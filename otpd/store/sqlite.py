@@ -1,16 +1,15 @@
 """SQLite store: OTP hashes, the block list and the durable outbox.
 
-One connection used by one dedicated thread, so every write is serialised
-without locks and the event loop never blocks on disk. WAL with
-``synchronous=FULL``: once a method returns, its change survives a power cut.
+One connection used by one dedicated thread (group commit, see writer.py), so
+every write is serialised without locks and the event loop never blocks on
+disk. WAL with ``synchronous=FULL``: once a method returns, its change
+survives a power cut.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,6 +24,7 @@ from otpd.store.records import (
     StoreError,
     VerifyResult,
 )
+from otpd.store.writer import GroupCommitWriter
 
 T = TypeVar("T")
 
@@ -47,46 +47,30 @@ _SELECT_PENDING = (
 
 
 class SqliteStore:
-    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, path: Path) -> None:
-        self._conn = conn
-        self._executor = executor
+    def __init__(self, writer: GroupCommitWriter, path: Path) -> None:
+        self._writer = writer
         self.path = path
 
     # -- life cycle ----------------------------------------------------------
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otpd-store")
-        loop = asyncio.get_running_loop()
-        try:
-            conn = await loop.run_in_executor(executor, _connect, path)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(conn, executor, path)
+        writer = GroupCommitWriter(lambda: _connect(path), "otpd-store")
+        await writer.start()
+        return cls(writer, path)
 
     async def close(self) -> None:
-        await self._run(self._conn.close)
-        self._executor.shutdown(wait=True)
+        await self._writer.stop()
 
-    async def _run(self, fn: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
+    async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in the writer thread; returns once its batch is committed."""
         try:
-            return await loop.run_in_executor(self._executor, fn)
+            return await self._writer.submit(fn)
         except sqlite3.Error as exc:
             raise StoreError(_describe(exc)) from exc
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
-        def run() -> T:
-            with self._conn:  # BEGIN ... COMMIT, or ROLLBACK on any exception
-                return fn(self._conn)
-
-        return run
-
     async def check_writable(self) -> None:
         """A tiny real write, for readiness checks."""
-        await self._run(
-            self._tx(lambda c: c.execute("UPDATE meta SET value = value WHERE key = 'schema'"))
-        )
+        await self._tx(lambda c: c.execute("UPDATE meta SET value = value WHERE key = 'schema'"))
 
     # -- outbox and OTPs -----------------------------------------------------
     async def insert_message(
@@ -101,8 +85,14 @@ class SqliteStore:
                 c.execute(
                     "INSERT INTO otp (reference, receiver, salt, digest, created_at, expires_at,"
                     " attempts, state) VALUES (?, ?, ?, ?, ?, ?, 0, 'active')",
-                    (otp.reference, otp.receiver, otp.salt, otp.digest, otp.created_at,
-                     otp.expires_at),
+                    (
+                        otp.reference,
+                        otp.receiver,
+                        otp.salt,
+                        otp.digest,
+                        otp.created_at,
+                        otp.expires_at,
+                    ),
                 )
             if msg.dedupe_key is not None:
                 row = c.execute(_SELECT_BY_DEDUPE, (msg.dedupe_key,)).fetchone()
@@ -112,42 +102,57 @@ class SqliteStore:
                 "INSERT INTO outbox (dedupe_key, command, channel, receiver, subject, sealed,"
                 " otp_reference, state, attempts, created_at, expires_at, next_attempt_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
-                (msg.dedupe_key, msg.command, msg.channel, msg.receiver, msg.subject, msg.sealed,
-                 otp.reference if otp else None, msg.created_at, msg.expires_at, msg.created_at),
+                (
+                    msg.dedupe_key,
+                    msg.command,
+                    msg.channel,
+                    msg.receiver,
+                    msg.subject,
+                    msg.sealed,
+                    otp.reference if otp else None,
+                    msg.created_at,
+                    msg.expires_at,
+                    msg.created_at,
+                ),
             )
             assert cur.lastrowid is not None
             return Inserted(cur.lastrowid)
 
-        return await self._run(self._tx(run))
+        return await self._tx(run)
 
     async def pending_messages(self) -> list[MessageRow]:
         def run(c: sqlite3.Connection) -> list[MessageRow]:
             rows = c.execute(_SELECT_PENDING).fetchall()
             return [_message(r) for r in rows]
 
-        return await self._run(self._tx(run))
+        return await self._tx(run)
 
     async def message(self, message_id: int) -> MessageRow | None:
         def run(c: sqlite3.Connection) -> MessageRow | None:
             row = c.execute(_SELECT_BY_ID, (message_id,)).fetchone()
             return _message(row) if row else None
 
-        return await self._run(self._tx(run))
+        return await self._tx(run)
 
     async def mark_attempt(self, message_id: int, now: float) -> None:
         """Durably note that the message is being handed to a channel now."""
-        await self._run(self._tx(lambda c: c.execute(
-            "UPDATE outbox SET attempt_started = ? WHERE id = ?", (now, message_id),
-        )))
+        await self._tx(
+            lambda c: c.execute(
+                "UPDATE outbox SET attempt_started = ? WHERE id = ?",
+                (now, message_id),
+            )
+        )
 
     async def record_retry(
         self, message_id: int, attempts: int, next_attempt_at: float, reason: str
     ) -> None:
-        await self._run(self._tx(lambda c: c.execute(
-            "UPDATE outbox SET attempts = ?, next_attempt_at = ?, reason = ?,"
-            " attempt_started = NULL WHERE id = ? AND state = 'pending'",
-            (attempts, next_attempt_at, reason, message_id),
-        )))
+        await self._tx(
+            lambda c: c.execute(
+                "UPDATE outbox SET attempts = ?, next_attempt_at = ?, reason = ?,"
+                " attempt_started = NULL WHERE id = ? AND state = 'pending'",
+                (attempts, next_attempt_at, reason, message_id),
+            )
+        )
 
     async def finish_message(
         self,
@@ -176,7 +181,7 @@ class SqliteStore:
                     (message_id,),
                 )
 
-        await self._run(self._tx(run))
+        await self._tx(run)
 
     async def verify_otp(
         self,
@@ -213,27 +218,29 @@ class SqliteStore:
             )
             return VerifyResult.BURNED if burned else VerifyResult.WRONG
 
-        return await self._run(self._tx(run))
+        return await self._tx(run)
 
     # -- block list ----------------------------------------------------------
     async def block(self, receiver: str, now: float) -> None:
-        await self._run(self._tx(lambda c: c.execute(
-            "INSERT OR IGNORE INTO blocklist (receiver, created_at) VALUES (?, ?)",
-            (receiver, now),
-        )))
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT OR IGNORE INTO blocklist (receiver, created_at) VALUES (?, ?)",
+                (receiver, now),
+            )
+        )
 
     async def unblock(self, receiver: str) -> bool:
         def run(c: sqlite3.Connection) -> bool:
             return c.execute("DELETE FROM blocklist WHERE receiver = ?", (receiver,)).rowcount > 0
 
-        return await self._run(self._tx(run))
+        return await self._tx(run)
 
     async def is_blocked(self, receiver: str) -> bool:
         def run(c: sqlite3.Connection) -> bool:
             row = c.execute("SELECT 1 FROM blocklist WHERE receiver = ?", (receiver,)).fetchone()
             return row is not None
 
-        return await self._run(self._tx(run))
+        return await self._tx(run)
 
     # -- housekeeping --------------------------------------------------------
     async def purge(self, otp_before: float, messages_before: float) -> tuple[int, int]:
@@ -248,22 +255,24 @@ class SqliteStore:
             ).rowcount
             return otps, msgs
 
-        return await self._run(self._tx(run))
+        return await self._tx(run)
 
     async def counts(self) -> dict[str, int]:
         def run(c: sqlite3.Connection) -> dict[str, int]:
-            out = {"otp": c.execute("SELECT count(*) FROM otp").fetchone()[0],
-                   "blocked": c.execute("SELECT count(*) FROM blocklist").fetchone()[0]}
+            out = {
+                "otp": c.execute("SELECT count(*) FROM otp").fetchone()[0],
+                "blocked": c.execute("SELECT count(*) FROM blocklist").fetchone()[0],
+            }
             for state, n in c.execute("SELECT state, count(*) FROM outbox GROUP BY state"):
                 out[f"outbox_{state}"] = n
             return out
 
-        return await self._run(self._tx(run))
+        return await self._tx(run)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None)  # transactions are explicit
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":

@@ -1,0 +1,275 @@
+"""The WebSocket message broker (OTP-Publisher's WSMessageBroker, done right).
+
+Wire behaviour, compatible with the PHP (Ratchet) and Java brokers' clients:
+
+* ``GET <path>?topic=<topic>`` (path default ``/ws``, with or without a
+  trailing slash) with HTTP Basic auth checked against an htpasswd file
+  *before* the upgrade: a missing or wrong login gets ``401`` with
+  ``WWW-Authenticate: Basic realm="otpd-broker"``, a missing topic ``400``,
+  another path ``404``. No connection is ever opened unauthenticated.
+* ``Authorization: Basic user:pass`` sent raw (not base64), as the PHP
+  OTP-Publisher client does, is accepted too. That client sends the user name
+  as the password, so its user's htpasswd password must equal the user name.
+* A text frame is relayed to every other client on the same topic; never back
+  to the sender, never to another topic.
+* Binary frames are refused: the connection is closed with 1003 (unsupported
+  data). Every OTP command is UTF-8 JSON, and otpd's consumer reads text only.
+* Messages over ``max_message`` bytes close the connection with 1009.
+* A client that closes TCP right after its frame, without a close frame (the
+  PHP client), is normal: its message is still relayed.
+* Each client has a bounded outbox (``queue_bytes``, default 1 MiB). A client
+  further behind than that, or whose socket does not drain for
+  ``send_timeout``, is cut off (TCP abort, seen as 1006) so that it never slows
+  the others. Dead peers are found by ping/pong (every 20 s, 20 s timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import ssl
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+
+from otpd.broker.auth import parse_basic_auth
+from otpd.broker.hub import Hub, Subscriber
+from otpd.htpasswd import HtpasswdFile
+
+log = logging.getLogger("otpd.broker")
+# websockets' own logger. Its DEBUG output quotes frame payloads (OTP codes) and
+# its INFO lines repeat ours, so it is pinned to WARNING whatever the root says.
+_wire_log = logging.getLogger("otpd.broker.websockets")
+_wire_log.setLevel(logging.WARNING)
+
+REALM = "otpd-broker"
+MAX_TOPIC_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Broker settings; defaults match the CLI's."""
+
+    htpasswd: Path
+    host: str = "127.0.0.1"
+    port: int = 9000
+    path: str = "/ws"
+    max_message: int = 64 * 1024
+    # Per-client outbox; a client more than this far behind is disconnected.
+    queue_bytes: int = 1024 * 1024
+    # A single send stuck this long (peer not reading, TCP window full) drops it.
+    send_timeout: float = 10.0
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    # How long a closing handshake may take before TCP is cut.
+    close_timeout: float = 5.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def validate(self) -> list[str]:
+        errors = []
+        if not self.path.startswith("/"):
+            errors.append("path must start with '/'")
+        if not 1 <= self.max_message <= 16 * 1024 * 1024:
+            errors.append("max_message must be 1..16777216 bytes")
+        if self.queue_bytes < self.max_message:
+            errors.append("queue_bytes must be at least max_message")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            errors.append("tls_cert and tls_key must be given together")
+        if not 0 <= self.port <= 65535:
+            errors.append("port must be 0..65535")
+        return errors
+
+
+@dataclass(frozen=True, slots=True)
+class _Login:
+    user: str
+    topic: str
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)
+
+
+def _valid_topic(topic: str) -> bool:
+    return 0 < len(topic) <= MAX_TOPIC_LENGTH and topic.isprintable()
+
+
+class BrokerServer:
+    """Start with :meth:`start`, stop with :meth:`stop` (or ``async with``)."""
+
+    def __init__(self, config: BrokerConfig, users: HtpasswdFile | None = None) -> None:
+        errors = config.validate()
+        if errors:
+            raise ValueError("; ".join(errors))
+        self.config = config
+        self._users = users
+        self._hub = Hub()
+        self._server: Server | None = None
+        self._path = config.path.rstrip("/")
+        # Filled by the handshake hook, read by the handler. Weak, so that a
+        # handshake that fails after authentication leaves nothing behind.
+        self._logins: weakref.WeakKeyDictionary[ServerConnection, _Login] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the users file, bind and start accepting connections.
+
+        Raises HtpasswdError, OSError (bind, TLS files) or ssl.SSLError.
+        """
+        if self._users is None:
+            self._users = HtpasswdFile.load(self.config.htpasswd)
+        for user in self._users.weak_entries:
+            log.warning("user %r has a plaintext or unsupported hash and cannot log in", user)
+        cfg = self.config
+        self._server = await serve(
+            self._handle,
+            cfg.host,
+            cfg.port,
+            process_request=self._process_request,
+            ssl=self._ssl_context(),
+            max_size=cfg.max_message,
+            # Commands are a few hundred bytes; per-receiver deflate would cost
+            # CPU and a zlib context per client on a Pi for nothing.
+            compression=None,
+            ping_interval=cfg.ping_interval,
+            ping_timeout=cfg.ping_timeout,
+            close_timeout=cfg.close_timeout,
+            server_header=None,
+            logger=_wire_log,
+        )
+        scheme = "wss" if cfg.tls_cert else "ws"
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        log.info("broker listening on %s://%s:%d%s", scheme, host, self.port, cfg.path)
+
+    async def stop(self) -> None:
+        """Close every connection (1001 going away) and stop listening."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        try:
+            # Closing handshakes wait for the peer; one that does not read
+            # would keep that wait open, so it is bounded.
+            async with asyncio.timeout(self.config.close_timeout + 1.0):
+                await server.wait_closed()
+        except TimeoutError:
+            self._hub.abort_all()
+            await server.wait_closed()
+        log.info("broker stopped")
+
+    async def __aenter__(self) -> BrokerServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.config.tls_cert is None or self.config.tls_key is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return ctx
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        if self._server is None:
+            raise RuntimeError("broker is not running")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def clients(self) -> int:
+        """Authenticated clients currently connected."""
+        return len(self._hub)
+
+    # -- handshake -------------------------------------------------------------
+    def _reject(self, ws: ServerConnection, status: http.HTTPStatus, text: str) -> Response:
+        response = ws.respond(status, text + "\n")
+        if status == http.HTTPStatus.UNAUTHORIZED:
+            response.headers["WWW-Authenticate"] = f'Basic realm="{REALM}"'
+        return response
+
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        # Cheap checks before the expensive password check.
+        url = urlsplit(request.path)
+        if url.path.rstrip("/") != self._path:
+            return self._reject(ws, http.HTTPStatus.NOT_FOUND, "Not Found")
+        topics = parse_qs(url.query, keep_blank_values=True).get("topic", [])
+        if len(topics) != 1 or not _valid_topic(topics[0]):
+            return self._reject(ws, http.HTTPStatus.BAD_REQUEST, "Bad Request: need one ?topic=")
+        credentials = _credentials(request.headers)
+        assert self._users is not None
+        if credentials is None or not await self._users.verify_async(*credentials):
+            log.warning(
+                "login failed user=%r peer=%s",
+                credentials[0] if credentials else None,
+                _peer(ws),
+            )
+            return self._reject(ws, http.HTTPStatus.UNAUTHORIZED, "Unauthorized")
+        self._logins[ws] = _Login(credentials[0], topics[0])
+        return None
+
+    # -- connection ------------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        login = self._logins.pop(ws, None)
+        if login is None:  # cannot happen: the handshake hook accepted it
+            await ws.close(CloseCode.INTERNAL_ERROR)
+            return
+        cfg = self.config
+        sub = Subscriber(
+            ws,
+            user=login.user,
+            topic=login.topic,
+            peer=_peer(ws),
+            queue_bytes=cfg.queue_bytes,
+            send_timeout=cfg.send_timeout,
+        )
+        self._hub.add(sub)
+        writer = asyncio.create_task(sub.run_writer(), name=f"broker-writer-{sub.peer}")
+        log.info("connect user=%r topic=%r peer=%s", sub.user, sub.topic, sub.peer)
+        try:
+            async for message in ws:
+                if isinstance(message, bytes):
+                    await ws.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+                    break
+                self._hub.publish(sub, message.encode("utf-8"))
+        except ConnectionClosed:
+            pass  # abrupt TCP close, oversize frame, ping timeout, dropped: all normal
+        finally:
+            self._hub.remove(sub)
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            code = ws.close_code if ws.close_code is not None else 1006
+            log.info(
+                "disconnect user=%r topic=%r peer=%s code=%d%s",
+                sub.user,
+                sub.topic,
+                sub.peer,
+                code,
+                f" ({sub.drop_reason})" if sub.drop_reason else "",
+            )
+
+
+def _credentials(headers: Headers) -> tuple[str, str] | None:
+    values = headers.get_all("Authorization")
+    if len(values) != 1:
+        return None
+    return parse_basic_auth(values[0])

@@ -1,0 +1,401 @@
+"""What every broker consumer shares: reconnecting, acknowledging, replying.
+
+A broker-specific subclass implements :meth:`Consumer._session` (connect,
+subscribe, feed messages to :meth:`Consumer.admit`, return or raise when the
+connection ends) and :meth:`Consumer.publish_reply`. This base class runs the
+session forever with capped exponential backoff and jitter, and turns each
+message into one command:
+
+* too big / not JSON / not an object / unknown command / bad field: logged
+  once as a warning, acknowledged and dropped (never redelivered, so it cannot
+  block the queue), with an error reply when a callback topic can be found;
+* with ``require_signature``: unsigned or badly signed commands are dropped
+  the same way, the reply code is 1100 (see :mod:`otpd.transports.signing`);
+* otherwise the service runs it; the message is acknowledged as soon as the
+  command is durably stored (``on_stored``), or when the service answers for
+  commands that store nothing. A *transient* answer (the store failed) is not
+  acknowledged: after ``retry_delay`` the message is handed back to the
+  broker for redelivery, where the broker can do that.
+
+Replies go to ``callback_topic`` (and the broker's own reply address, e.g.
+AMQP ``reply_to``) after ``callback_delay`` ms. A command that wants a reply
+waits up to ``reply_wait`` (default ``delivery.wait``) for the send result;
+one that does not want a reply answers 1111 at once: nobody would read more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import ssl
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from otpd.codes import Code
+from otpd.protocol import (
+    MAX_CALLBACK_DELAY_MS,
+    ProtocolError,
+    Response,
+    error_response,
+    parse_request,
+)
+from otpd.transports.settings import BrokerSettings, Common
+from otpd.transports.signing import SignatureError, verify
+
+if TYPE_CHECKING:
+    from otpd.service import Service
+
+log = logging.getLogger("otpd.transports")
+
+STOP_GRACE = 5.0  # s in-flight commands may take to finish on stop
+STABLE_AFTER = 10.0  # s a connection must last before the backoff starts over
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Inbound:
+    """One message as a broker delivered it."""
+
+    body: bytes
+    # Acknowledge: the broker may forget the message.
+    ack: Callable[[], Awaitable[None]] = _nothing
+    # Hand it back for redelivery; returns False where the broker cannot redeliver.
+    redeliver: Callable[[], Awaitable[bool]] | None = None
+    # The broker's own reply address (AMQP reply_to, MQTT 5 response topic).
+    reply_to: str | None = None
+    correlation: bytes | str | None = None
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """Verify the server (hostname included) against ``ca_file`` or the system store."""
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def safe_url(url: str) -> str:
+    """The URL without user and password, for logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def url_password(url: str) -> str:
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
+def backoff_delay(attempt: int, low: float, high: float) -> float:
+    """Capped exponential backoff with jitter: uniform in [cap/2, cap]."""
+    cap = min(high, low * (2 ** min(attempt, 30)))
+    return random.uniform(max(low, cap / 2), cap)
+
+
+def loose_callback(body: bytes) -> tuple[str | None, int]:
+    """Best-effort ``callback_topic`` and delay of a message that did not parse."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, 0
+    if not isinstance(obj, dict):
+        return None, 0
+    topic = obj.get("callback_topic")
+    if not isinstance(topic, str) or not topic or len(topic) > 512:
+        return None, 0
+    delay = obj.get("callback_delay", 0)
+    try:
+        delay_ms = int(delay) if not isinstance(delay, bool) else 0
+    except (TypeError, ValueError):
+        delay_ms = 0
+    return topic, min(max(delay_ms, 0), MAX_CALLBACK_DELAY_MS)
+
+
+class Consumer(ABC):
+    """A broker consumer: ``start()`` returns at once and connects in the background."""
+
+    def __init__(self, name: str, common: Common, service: Service, default_wait: float,
+                 secrets: Iterable[str] = ()) -> None:
+        self.name = name
+        self.common = common
+        self.service = service
+        self.reply_wait = default_wait if common.reply_wait is None else common.reply_wait
+        self._secrets = tuple(s for s in secrets if s)
+        # Floor under callback_delay, for brokers that keep nothing for late subscribers.
+        self.min_reply_delay_ms = 0
+        self._slots = asyncio.Semaphore(common.prefetch)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._connected = False
+        self._connected_at = 0.0
+        self._since: float | None = None
+        self._received = 0
+        self._errors = 0
+        self._last_error: str | None = None
+
+    # -- broker-specific -------------------------------------------------------
+    @abstractmethod
+    async def _session(self) -> None:
+        """Connect, call ``_set_connected(True, ...)``, feed ``admit`` until the
+        connection ends (return or raise). Cancelled on stop: close in ``finally``."""
+
+    @abstractmethod
+    async def publish_reply(self, topic: str, body: bytes, correlation: bytes | str | None,
+                            callback: bool) -> None:
+        """Send one reply. ``callback``: to a ``callback_topic`` (else to the
+        broker's own reply address)."""
+
+    async def _stop_intake(self) -> None:
+        """Stop receiving new messages (in-flight ones still finish)."""
+        return None  # pull-based sessions check ``stopping`` themselves
+
+    # -- life cycle ------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None:
+            self._stopping.clear()
+            self._since = time.time()
+            self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop consuming, let in-flight commands finish (up to ``grace`` s), disconnect."""
+        self._stopping.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self._stop_intake(), 2.0)
+        except Exception as exc:
+            log.debug("%s: stopping intake: %s", self.name, self._describe(exc))
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=grace)
+        for task in list(self._inflight):
+            task.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+        log.info("%s: stopped", self.name)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "connected": self._connected,
+            "since": self._since,
+            "received": self._received,
+            "errors": self._errors,
+            "last_error": self._last_error,
+        }
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                if not self._stopping.is_set():
+                    raise ConnectionError("connection closed")
+            except asyncio.CancelledError:
+                self._set_connected(False)
+                raise
+            except Exception as exc:
+                if not self._stopping.is_set():
+                    self._note_error(exc)
+            was_up = self._connected
+            lasted = time.monotonic() - self._connected_at if was_up else 0.0
+            self._set_connected(False)
+            if self._stopping.is_set():
+                break
+            if was_up and lasted >= STABLE_AFTER:
+                attempt = 0
+            delay = backoff_delay(attempt, self.common.reconnect_min, self.common.reconnect_max)
+            attempt += 1
+            log.warning("%s: reconnecting in %.1f s (%s)", self.name, delay, self._last_error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    def _set_connected(self, up: bool, detail: str = "") -> None:
+        if up == self._connected:
+            return
+        self._connected = up
+        self._since = time.time()
+        if up:
+            self._connected_at = time.monotonic()
+            log.info("%s: connected%s", self.name, f" ({detail})" if detail else "")
+        elif self._stopping.is_set():
+            log.info("%s: disconnected (stopping)", self.name)
+        else:
+            log.warning("%s: disconnected", self.name)
+
+    def _describe(self, exc: BaseException) -> str:
+        text = str(exc) or type(exc).__name__
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return f"{type(exc).__name__}: {text}"[:300]
+
+    def _note_error(self, exc: BaseException | str) -> None:
+        self._errors += 1
+        self._last_error = exc if isinstance(exc, str) else self._describe(exc)
+
+    # -- messages ----------------------------------------------------------------
+    async def admit(self, msg: Inbound) -> asyncio.Task[None]:
+        """Take a message once a slot is free (pull-based brokers: backpressure)."""
+        await self._slots.acquire()
+        return self._spawn(msg, holding=True)
+
+    def admit_nowait(self, msg: Inbound) -> asyncio.Task[None]:
+        """Take a message now; it waits for a slot in its own task (push-based brokers,
+        whose prefetch or receive window already bounds the backlog)."""
+        return self._spawn(msg, holding=False)
+
+    def _spawn(self, msg: Inbound, *, holding: bool) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._guarded(msg, holding))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return task
+
+    async def _guarded(self, msg: Inbound, holding: bool) -> None:
+        if not holding:
+            await self._slots.acquire()
+        try:
+            await self.process(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not kill the consumer
+            log.exception("%s: unexpected error handling a message", self.name)
+            self._note_error(exc)
+        finally:
+            self._slots.release()
+
+    async def process(self, msg: Inbound) -> None:
+        self._received += 1
+        acked = False
+
+        async def ack_once() -> None:
+            # Never raises: the service awaits this between storing and sending.
+            nonlocal acked
+            if acked:
+                return
+            acked = True
+            try:
+                await msg.ack()
+            except Exception as exc:
+                self._note_error(exc)
+                log.warning("%s: acknowledge failed (the broker will redeliver; the"
+                            " duplicate is suppressed by id): %s", self.name, self._describe(exc))
+
+        if len(msg.body) > self.common.max_message:
+            self._note_error(f"dropped a {len(msg.body)}-byte message")
+            log.warning("%s: dropped a %d-byte message (max_message = %d)", self.name,
+                        len(msg.body), self.common.max_message)
+            await ack_once()
+            refusal = Response("unknown", Code.INVALID_REQUEST, {},
+                               f"message larger than {self.common.max_message} bytes")
+            await self._reply(None, 0, msg, refusal)
+            return
+        try:
+            env = parse_request(msg.body)
+        except ProtocolError as exc:
+            self._note_error(f"dropped a malformed message: {exc.message}")
+            log.warning("%s: dropped a malformed message: %s", self.name, exc.message)
+            await ack_once()
+            topic, delay = loose_callback(msg.body)
+            await self._reply(topic, delay, msg, error_response(exc))
+            return
+        if self.common.require_signature:
+            try:
+                verify(env.raw, self.common.signing_key)
+            except SignatureError as exc:
+                self._note_error(f"dropped {env.name}: {exc}")
+                log.warning("%s: dropped %s: %s", self.name, env.name, exc)
+                await ack_once()
+                refusal = Response(env.name, Code.UNAUTHORIZED, {}, f"unauthorized: {exc}")
+                await self._reply(env.callback_topic, env.callback_delay_ms, msg, refusal)
+                return
+        wants_reply = bool(env.callback_topic or msg.reply_to)
+        try:
+            response = await self.service.execute(
+                env, wait=self.reply_wait if wants_reply else 0.0, on_stored=ack_once,
+                transport=self.name,
+            )
+        except Exception as exc:
+            # A bug, not a broker problem: drop the message rather than have it
+            # redelivered into the same bug forever.
+            log.exception("%s: %s failed unexpectedly; dropped", self.name, env.name)
+            self._note_error(exc)
+            response = Response(env.name, Code.FAILED, {}, "internal error")
+        if response.transient and not acked and msg.redeliver is not None:
+            # Pause so a broken store is not hammered, then let the broker retry.
+            await asyncio.sleep(self.common.retry_delay)
+            if await msg.redeliver():
+                log.warning("%s: %s not stored; left to the broker to redeliver", self.name,
+                            env.name)
+                return
+        await ack_once()
+        await self._reply(env.callback_topic, env.callback_delay_ms, msg, response)
+
+    async def _reply(self, topic: str | None, delay_ms: int, msg: Inbound,
+                     response: Response) -> None:
+        targets: list[tuple[str, bool]] = []
+        if topic:
+            targets.append((topic, True))
+        if msg.reply_to and msg.reply_to != topic:
+            targets.append((msg.reply_to, False))
+        if not targets:
+            return
+        delay_ms = max(delay_ms, self.min_reply_delay_ms)
+        if delay_ms > 0:
+            # The PHP client subscribes to the reply topic just after publishing.
+            await asyncio.sleep(delay_ms / 1000)
+        body = response.encode()
+        for target, callback in targets:
+            try:
+                await self.publish_reply(target, body, msg.correlation, callback)
+            except Exception as exc:
+                self._note_error(exc)
+                log.warning("%s: reply (%s %s) not sent: %s", self.name, response.command,
+                            response.code.value, self._describe(exc))
+
+
+def build_consumers(settings: BrokerSettings, service: Service,
+                    default_wait: float) -> list[Consumer]:
+    """One consumer per enabled broker table. Client libraries are imported only
+    for the brokers configured."""
+    consumers: list[Consumer] = []
+    if settings.amqp is not None and settings.amqp.common.enabled:
+        from otpd.transports.amqp import AmqpConsumer
+
+        consumers.append(AmqpConsumer(settings.amqp, service, default_wait))
+    if settings.redis is not None and settings.redis.common.enabled:
+        from otpd.transports.redis_consumer import RedisConsumer
+
+        consumers.append(RedisConsumer(settings.redis, service, default_wait))
+    if settings.mqtt is not None and settings.mqtt.common.enabled:
+        from otpd.transports.mqtt import MqttConsumer
+
+        consumers.append(MqttConsumer(settings.mqtt, service, default_wait))
+    if settings.ws is not None and settings.ws.common.enabled:
+        from otpd.transports.ws import WsConsumer
+
+        consumers.append(WsConsumer(settings.ws, service, default_wait))
+    return consumers

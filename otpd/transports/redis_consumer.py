@@ -1,0 +1,231 @@
+"""Redis consumer: pub/sub (OTP-Publisher compatible) or a reliable stream.
+
+``mode = "pubsub"``: ``SUBSCRIBE topic``; every message is one command. This
+is what OTP-Publisher's ``PUBLISH`` reaches, and it is lossy by nature: what
+is published while otpd is disconnected is gone, and there is nothing to
+acknowledge or redeliver (a command the store could not take is answered
+with its error instead). Replies are ``PUBLISH``-ed to ``callback_topic``
+after ``callback_delay`` (the PHP client subscribes just after publishing).
+
+``mode = "stream"`` (an otpd extension, for publishers that can ``XADD``):
+a consumer group ``group`` on the stream named by ``topic`` (created from the
+stream's start with ``MKSTREAM``, so entries added before otpd first ran are
+processed too). Each entry carries the command JSON in its ``message`` field
+(an entry with exactly one field may name it as it likes). An entry is
+``XACK``-ed once the command is stored; one that is not (crash, store
+failure) stays pending and is taken back with ``XAUTOCLAIM`` once idle for
+``claim_idle`` seconds, from this consumer or a dead one; nothing published
+while the Pi is offline is lost. Replies are ``XADD``-ed (field ``message``)
+to a stream named ``callback_topic``, trimmed to about ``reply_maxlen``
+entries and expiring ``reply_ttl`` s after the last reply, so a requester that
+reads late still finds its answer and abandoned reply streams do not pile up.
+otpd never deletes command entries (another group may read them too):
+publishers should trim, e.g. ``XADD topic MAXLEN ~ 10000 * message <json>``.
+
+``username``/``password`` (ACL) are used when the URL carries none;
+``rediss://`` gives TLS (``tls_ca`` for a private CA). The client name
+``otpd:<topic>`` shows in ``CLIENT LIST``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+
+from otpd.transports.consumer import Consumer, Inbound, safe_url, url_password
+from otpd.transports.settings import RedisSettings
+
+if TYPE_CHECKING:
+    from otpd.service import Service
+
+log = logging.getLogger("otpd.transports.redis")
+
+FIELD = "message"
+BLOCK_MAX = 5.0  # s one XREADGROUP blocks at most (stop and reclaims stay timely)
+
+
+def entry_body(fields: dict[Any, Any] | None) -> bytes | None:
+    """The command bytes of a stream entry, or None if it has none."""
+    if not fields:
+        return None
+    for key, value in fields.items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        if name == FIELD:
+            return value if isinstance(value, bytes) else str(value).encode()
+    if len(fields) == 1:
+        value = next(iter(fields.values()))
+        return value if isinstance(value, bytes) else str(value).encode()
+    return None
+
+
+class RedisConsumer(Consumer):
+    def __init__(self, settings: RedisSettings, service: Service, default_wait: float,
+                 name: str = "redis") -> None:
+        super().__init__(name, settings.common, service, default_wait,
+                         secrets=(settings.password, url_password(settings.url)))
+        self.settings = settings
+        self._client: Redis | None = None
+        self._pending_ids: set[bytes] = set()  # stream entries being handled here
+
+    def _make_client(self, *, blocking: bool) -> Redis:
+        s = self.settings
+        kwargs: dict[str, Any] = {
+            "client_name": f"otpd:{s.common.topic}"[:200].replace(" ", "_"),
+            # Failures surface here; reconnecting (with backoff) is ours to do.
+            "retry": Retry(NoBackoff(), 0),
+            "socket_connect_timeout": 10,
+            "socket_keepalive": True,
+            "socket_timeout": (BLOCK_MAX + 10) if blocking else 10,
+            "health_check_interval": 30,
+        }
+        if s.username:
+            kwargs["username"] = s.username
+        if s.password:
+            kwargs["password"] = s.password
+        if s.url.startswith("rediss://") and s.common.tls_ca:
+            kwargs["ssl_ca_certs"] = s.common.tls_ca
+        return Redis.from_url(s.url, **kwargs)
+
+    async def _session(self) -> None:
+        if self.settings.mode == "stream":
+            await self._stream_session()
+        else:
+            await self._pubsub_session()
+
+    # -- pub/sub ---------------------------------------------------------------
+    async def _pubsub_session(self) -> None:
+        s = self.settings
+        client = self._make_client(blocking=False)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._client = client
+        try:
+            await pubsub.subscribe(s.common.topic)
+            self._set_connected(True, f"channel {s.common.topic!r} on {safe_url(s.url)}")
+            while not self.stopping:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None or message.get("type") != "message":
+                    continue
+                data = message["data"]
+                body = data if isinstance(data, bytes) else str(data).encode()
+                await self.admit(Inbound(body))
+        finally:
+            self._client = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.aclose(), 2.0)  # type: ignore[no-untyped-call]
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), 2.0)
+
+    # -- stream ----------------------------------------------------------------
+    async def _stream_session(self) -> None:
+        s = self.settings
+        client = self._make_client(blocking=True)
+        self._client = client
+        try:
+            try:
+                await client.xgroup_create(s.common.topic, s.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._set_connected(True, f"stream {s.common.topic!r} group {s.group!r} as"
+                                      f" {s.consumer!r} on {safe_url(s.url)}")
+            # Entries this consumer was given before a crash or disconnect.
+            await self._read_own_pending(client)
+            interval = max(min(s.claim_idle / 2, 30.0), 0.05)
+            next_claim = 0.0
+            while not self.stopping:
+                if time.monotonic() >= next_claim:
+                    await self._claim(client)
+                    next_claim = time.monotonic() + interval
+                block = min(BLOCK_MAX, max(next_claim - time.monotonic(), 0.01))
+                reply: Any = await client.xreadgroup(
+                    s.group, s.consumer, {s.common.topic: ">"},
+                    count=s.common.prefetch, block=int(block * 1000),
+                )
+                for _stream, entries in reply or []:
+                    for entry_id, fields in entries:
+                        await self._admit_entry(client, entry_id, fields)
+        finally:
+            self._client = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), 2.0)
+
+    async def _read_own_pending(self, client: Redis) -> None:
+        s = self.settings
+        last: bytes | str = "0"
+        while not self.stopping:
+            reply: Any = await client.xreadgroup(s.group, s.consumer,
+                                                 {s.common.topic: last}, count=s.common.prefetch)
+            entries = [e for _stream, es in reply or [] for e in es]
+            if not entries:
+                return
+            for entry_id, fields in entries:
+                await self._admit_entry(client, entry_id, fields)
+                last = entry_id
+
+    async def _claim(self, client: Redis) -> None:
+        """Take over entries idle for ``claim_idle`` (a dead consumer's, or ours
+        that the store could not take)."""
+        s = self.settings
+        start: bytes | str = "0-0"
+        while not self.stopping:
+            reply: Any = await client.xautoclaim(s.common.topic, s.group, s.consumer,
+                                            int(s.claim_idle * 1000), start_id=start,
+                                            count=s.common.prefetch)
+            cursor, entries = reply[0], reply[1]
+            for entry_id, fields in entries:
+                await self._admit_entry(client, entry_id, fields)
+            if cursor in (b"0-0", "0-0") or not entries:
+                return
+            start = cursor
+
+    async def _admit_entry(self, client: Redis, entry_id: bytes,
+                           fields: dict[Any, Any] | None) -> None:
+        if entry_id in self._pending_ids:
+            return  # still being handled here; not abandoned
+        topic, group = self.settings.common.topic, self.settings.group
+        body = entry_body(fields)
+        if body is None:
+            if fields:
+                log.warning("%s: dropped stream entry %s without a %r field", self.name,
+                            entry_id.decode(errors="replace"), FIELD)
+                self._note_error(f"dropped an entry without a {FIELD!r} field")
+            # Deleted from the stream (or unusable): take it off the pending list.
+            await client.xack(topic, group, entry_id)
+            return
+
+        async def ack() -> None:
+            await client.xack(topic, group, entry_id)
+
+        async def redeliver() -> bool:
+            return True  # left pending: XAUTOCLAIM takes it again after claim_idle
+
+        self._pending_ids.add(entry_id)
+        try:
+            task = await self.admit(Inbound(body, ack=ack, redeliver=redeliver))
+        except BaseException:
+            self._pending_ids.discard(entry_id)
+            raise
+        task.add_done_callback(lambda _t: self._pending_ids.discard(entry_id))
+
+    # -- replies -------------------------------------------------------------------
+    async def publish_reply(self, topic: str, body: bytes, correlation: bytes | str | None,
+                            callback: bool) -> None:
+        client = self._client
+        if client is None:
+            raise ConnectionError("not connected to Redis")
+        if self.settings.mode == "stream":
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.xadd(topic, {FIELD: body}, maxlen=self.settings.reply_maxlen,
+                          approximate=True)
+                pipe.expire(topic, self.settings.reply_ttl)
+                await pipe.execute()
+        else:
+            await client.publish(topic, body)

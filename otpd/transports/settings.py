@@ -1,0 +1,253 @@
+"""``[amqp]``, ``[redis]``, ``[mqtt]`` and ``[ws]`` tables -> frozen, validated settings.
+
+Each table present enables that consumer (``enabled = false`` keeps it
+configured but off). Keys every table shares:
+
+``topic`` ("sms"), ``enabled`` (true), ``prefetch`` (16: most commands in
+flight at once), ``max_message`` (65536 bytes; bigger messages are dropped),
+``reconnect_min``/``reconnect_max`` (1 / 60 s backoff), ``retry_delay`` (1 s
+before a command the store could not take is handed back for redelivery),
+``reply_wait`` (seconds to wait for the send result when a reply is wanted;
+default ``delivery.wait``), ``require_signature`` (false) and ``signing_key``
+(a secret: inline, ``signing_key_file`` or ``signing_key_env``), ``tls_ca``
+(a CA bundle for a private CA; "" = system store).
+
+Per broker: ``[amqp] url`` (a secret: may carry the password; ``url_file`` /
+``url_env`` work), ``heartbeat``. ``[redis] url`` (secret), ``username``,
+``password``, ``mode`` (pubsub | stream), ``group``, ``consumer`` (default
+``otpd-<hostname>``), ``claim_idle``, ``reply_maxlen``, ``reply_ttl``.
+``[mqtt] host``, ``port`` (1883, 8883 with TLS), ``username``, ``password``,
+``client_id``, ``protocol`` (3 = 3.1, 4 = 3.1.1, 5), ``tls``, ``keepalive``,
+``session_expiry``. ``[ws] url``, ``username``, ``password``,
+``ping_interval``, ``ping_timeout``, ``reply_min_delay`` (ms).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from otpd.confread import Section
+
+DEFAULT_TOPIC = "sms"
+MAX_TOPIC_CHARS = 255
+
+
+@dataclass(frozen=True)
+class Common:
+    topic: str = DEFAULT_TOPIC
+    enabled: bool = True
+    prefetch: int = 16
+    max_message: int = 65536
+    reconnect_min: float = 1.0
+    reconnect_max: float = 60.0
+    retry_delay: float = 1.0
+    reply_wait: float | None = None  # None: the daemon's delivery.wait
+    require_signature: bool = False
+    signing_key: str = field(default="", repr=False)
+    tls_ca: str = ""
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    common: Common
+    url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
+    heartbeat: int = 30
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    common: Common
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    username: str = ""  # overrides the URL's user (Redis 6 ACL)
+    password: str = field(default="", repr=False)
+    mode: str = "pubsub"  # pubsub | stream
+    group: str = "otpd"
+    consumer: str = ""
+    claim_idle: float = 60.0  # s a pending entry must be idle before it is reclaimed
+    reply_maxlen: int = 1000  # stream mode: reply streams are trimmed to about this many
+    reply_ttl: int = 86400  # stream mode: s before an unread reply stream expires
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    common: Common
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""
+    password: str = field(default="", repr=False)
+    client_id: str = "otpd"
+    protocol: int = 4  # 3 = MQTT 3.1, 4 = MQTT 3.1.1, 5 = MQTT 5
+    tls: bool = False
+    keepalive: int = 30
+    session_expiry: int = 7 * 86400  # MQTT 5: s the broker keeps the session offline
+
+
+@dataclass(frozen=True)
+class WsSettings:
+    common: Common
+    url: str = "ws://127.0.0.1:9000/ws"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    # ms a reply waits at least: the broker keeps nothing, and OTP-Publisher opens
+    # its reply connection (with a password check) only after publishing.
+    reply_min_delay: int = 250
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    amqp: AmqpSettings | None = None
+    redis: RedisSettings | None = None
+    mqtt: MqttSettings | None = None
+    ws: WsSettings | None = None
+
+
+def parse_broker_settings(
+    root_amqp: Section | None,
+    root_redis: Section | None,
+    root_mqtt: Section | None,
+    root_ws: Section | None,
+) -> BrokerSettings:
+    """Errors go to the sections' shared error list (the caller raises)."""
+    return BrokerSettings(
+        amqp=_amqp(root_amqp) if root_amqp is not None else None,
+        redis=_redis(root_redis) if root_redis is not None else None,
+        mqtt=_mqtt(root_mqtt) if root_mqtt is not None else None,
+        ws=_ws(root_ws) if root_ws is not None else None,
+    )
+
+
+def _common(s: Section) -> Common:
+    topic = s.str("topic", DEFAULT_TOPIC)
+    if not topic.strip() or len(topic) > MAX_TOPIC_CHARS or not topic.isprintable():
+        s.error("topic", f"must be 1..{MAX_TOPIC_CHARS} printable characters")
+        topic = DEFAULT_TOPIC
+    rmin = s.float("reconnect_min", 1.0, min=0.01, max=3600.0)
+    rmax = s.float("reconnect_max", 60.0, min=0.01, max=3600.0)
+    if rmax < rmin:
+        s.error("reconnect_max", "must be >= reconnect_min")
+    reply_wait = s.float("reply_wait", 0.0, min=0.0, max=300.0) if s.has("reply_wait") else None
+    require = s.bool("require_signature", False)
+    key = s.secret("signing_key")
+    if require and not key:
+        s.error("signing_key", "is required when require_signature = true")
+    tls_ca = s.str("tls_ca", "")
+    return Common(
+        topic=topic,
+        enabled=s.bool("enabled", True),
+        prefetch=s.int("prefetch", 16, min=1, max=1000),
+        max_message=s.int("max_message", 65536, min=1024, max=16 * 1024 * 1024),
+        reconnect_min=rmin,
+        reconnect_max=max(rmin, rmax),
+        retry_delay=s.float("retry_delay", 1.0, min=0.0, max=600.0),
+        reply_wait=reply_wait,
+        require_signature=require,
+        signing_key=key,
+        tls_ca=tls_ca,
+    )
+
+
+def _check_url(s: Section, key: str, url: str, schemes: tuple[str, ...]) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        s.error(key, "must start with " + " or ".join(f"{x}://" for x in schemes))
+        return False
+    if parts.scheme != "unix" and not parts.hostname:
+        s.error(key, "must name a host")
+        return False
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        s.error(key, "has an invalid port")
+        return False
+    return True
+
+
+def _amqp(s: Section) -> AmqpSettings:
+    common = _common(s)
+    default = AmqpSettings(common)
+    # A secret: the URL usually carries the password (url_file / url_env work too).
+    url = s.secret("url", default.url)
+    if not _check_url(s, "url", url, ("amqp", "amqps")):
+        url = default.url
+    out = AmqpSettings(common, url=url, heartbeat=s.int("heartbeat", 30, min=0, max=3600))
+    s.finish()
+    return out
+
+
+def _redis(s: Section) -> RedisSettings:
+    common = _common(s)
+    default = RedisSettings(common)
+    url = s.secret("url", default.url)
+    if not _check_url(s, "url", url, ("redis", "rediss", "unix")):
+        url = default.url
+    mode = s.str("mode", "pubsub", choices=("pubsub", "stream"))
+    group = s.str("group", "otpd")
+    if not group.strip():
+        s.error("group", "must not be empty")
+        group = "otpd"
+    consumer = s.str("consumer", "") or f"otpd-{socket.gethostname()}"
+    out = RedisSettings(
+        common,
+        url=url,
+        username=s.str("username", ""),
+        password=s.secret("password"),
+        mode=mode,
+        group=group,
+        consumer=consumer,
+        claim_idle=s.float("claim_idle", 60.0, min=0.1, max=86400.0),
+        reply_maxlen=s.int("reply_maxlen", 1000, min=1, max=1_000_000),
+        reply_ttl=s.int("reply_ttl", 86400, min=1, max=30 * 86400),
+    )
+    s.finish()
+    return out
+
+
+def _mqtt(s: Section) -> MqttSettings:
+    common = _common(s)
+    tls = s.bool("tls", False) or bool(common.tls_ca)
+    client_id = s.str("client_id", "otpd")
+    if not client_id or len(client_id.encode()) > 65535:
+        s.error("client_id", "must not be empty (a fixed id keeps the session while offline)")
+        client_id = "otpd"
+    protocol = s.int("protocol", 4, min=3, max=5)
+    host = s.str("host", "127.0.0.1")
+    if not host.strip():
+        s.error("host", "must not be empty")
+        host = "127.0.0.1"
+    out = MqttSettings(
+        common,
+        host=host,
+        port=s.int("port", 8883 if tls else 1883, min=1, max=65535),
+        username=s.str("username", ""),
+        password=s.secret("password"),
+        client_id=client_id,
+        protocol=protocol,
+        tls=tls,
+        keepalive=s.int("keepalive", 30, min=5, max=3600),
+        session_expiry=s.int("session_expiry", 7 * 86400, min=0, max=2**32 - 1),
+    )
+    s.finish()
+    return out
+
+
+def _ws(s: Section) -> WsSettings:
+    common = _common(s)
+    default = WsSettings(common)
+    url = s.str("url", default.url)
+    if not _check_url(s, "url", url, ("ws", "wss")):
+        url = default.url
+    out = WsSettings(
+        common,
+        url=url,
+        username=s.str("username", ""),
+        password=s.secret("password"),
+        ping_interval=s.float("ping_interval", 20.0, min=1.0, max=3600.0),
+        ping_timeout=s.float("ping_timeout", 20.0, min=1.0, max=3600.0),
+        reply_min_delay=s.int("reply_min_delay", 250, min=0, max=10_000),
+    )
+    s.finish()
+    return out

@@ -1,0 +1,115 @@
+"""`otpd broker` command: argument parsing, start-up errors, SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+
+from otpd.broker.cli import add_parser
+
+from .conftest import basic
+
+# Stands in for otpd/cli.py: a main parser with subcommands calling args.func.
+RUNNER = """
+import argparse, sys
+from otpd.broker.cli import add_parser
+parser = argparse.ArgumentParser(prog="otpd")
+add_parser(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="otpd")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(list(argv))
+
+
+def test_defaults() -> None:
+    args = parse("broker", "--htpasswd", "/etc/otpd/broker.users")
+    assert args.listen == ("127.0.0.1", 9000)
+    assert args.path == "/ws"
+    assert args.max_message == 65536
+    assert args.tls_cert is None and args.tls_key is None
+    assert args.htpasswd == Path("/etc/otpd/broker.users")
+    assert callable(args.func)
+
+
+def test_options() -> None:
+    args = parse(
+        "broker", "--listen", "[::1]:9443", "--htpasswd", "u", "--path", "/ws/",
+        "--tls-cert", "c.pem", "--tls-key", "k.pem", "--max-message", "1024",
+    )  # fmt: skip
+    assert args.listen == ("::1", 9443)
+    assert args.path == "/ws/"
+    assert args.max_message == 1024
+    assert args.tls_cert == Path("c.pem") and args.tls_key == Path("k.pem")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["broker"],  # --htpasswd is required
+        ["broker", "--htpasswd", "u", "--listen", "nohost"],
+        ["broker", "--htpasswd", "u", "--listen", "h:99999"],
+        ["broker", "--htpasswd", "u", "--max-message", "0"],
+    ],
+)
+def test_bad_arguments(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse(*argv)
+    assert info.value.code == 2
+
+
+def test_tls_needs_both(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse("broker", "--htpasswd", str(tmp_path / "u"), "--tls-cert", "c.pem")
+    assert args.func(args) == 2
+    assert "tls_cert and tls_key" in capsys.readouterr().err
+
+
+def test_bad_users_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse("broker", "--htpasswd", str(tmp_path / "absent"), "--listen", "127.0.0.1:0")
+    assert args.func(args) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+async def test_runs_until_sigterm(users_file: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RUNNER, "broker", "--htpasswd", str(users_file),
+        "--listen", "127.0.0.1:0", "--path", "/ws/",
+        stderr=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert proc.stderr is not None
+    try:
+        port = 0
+        async with asyncio.timeout(15):
+            while not port:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "broker exited early"
+                if m := re.search(r"listening on ws://127\.0\.0\.1:(\d+)/ws/", line):
+                    port = int(m.group(1))
+        url = f"ws://127.0.0.1:{port}/ws?topic=sms"
+        headers = {"Authorization": basic("alice", "alice-pw")}
+        async with connect(url, additional_headers=headers) as a:
+            async with connect(url, additional_headers=headers) as b:
+                await asyncio.sleep(0.1)
+                await a.send("hello")
+                assert await asyncio.wait_for(b.recv(), 5) == "hello"
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+            # The remaining client was told the server is going away.
+            await asyncio.wait_for(a.wait_closed(), 5)
+            assert a.close_code == 1001
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

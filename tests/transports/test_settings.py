@@ -1,0 +1,87 @@
+"""Broker settings parsing and consumer helpers (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from otpd.confread import ConfigError
+from otpd.transports.consumer import backoff_delay, loose_callback, safe_url
+from tests.transports.conftest import broker_settings
+
+
+def test_defaults_and_presence_enables() -> None:
+    s = broker_settings('[amqp]\n[redis]\n[mqtt]\n[ws]\nenabled = false\n')
+    assert s.amqp is not None and s.amqp.common.topic == "sms"
+    assert s.amqp.url == "amqp://guest:guest@127.0.0.1:5672/"
+    assert s.amqp.common.prefetch == 16 and s.amqp.common.reply_wait is None
+    assert s.redis is not None and s.redis.mode == "pubsub" and s.redis.group == "otpd"
+    assert s.redis.consumer.startswith("otpd-")
+    assert s.mqtt is not None and (s.mqtt.port, s.mqtt.client_id) == (1883, "otpd")
+    assert s.ws is not None and not s.ws.common.enabled
+    assert broker_settings("").amqp is None
+
+
+def test_tls_default_port_and_secrets_not_in_repr(tmp_path: object,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MQTT_PW", "hunter2")
+    s = broker_settings('[mqtt]\ntls = true\npassword_env = "MQTT_PW"\nprotocol = 5\n'
+                        'require_signature = true\nsigning_key = "sekrit"\n'
+                        '[amqp]\nurl = "amqps://u:pw-in-url@rabbit.example:5671/vh"\n'
+                        'reply_wait = 0\n')
+    assert s.mqtt is not None and s.mqtt.port == 8883 and s.mqtt.password == "hunter2"
+    assert s.mqtt.common.signing_key == "sekrit" and s.mqtt.protocol == 5
+    assert s.amqp is not None and s.amqp.common.reply_wait == 0.0
+    text = repr(s)
+    assert "hunter2" not in text and "sekrit" not in text and "pw-in-url" not in text
+
+
+def test_errors_name_their_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        broker_settings("""
+[amqp]
+url = "http://x"
+prefetch = 0
+[redis]
+mode = "list"
+url = "redis://h:99999/0"
+[mqtt]
+port = 70000
+qos = 1
+protocl = 5
+require_signature = true
+[ws]
+url = "ws://h/ws"
+reconnect_min = 10
+reconnect_max = 1
+topic = ""
+""")
+    errors = set(info.value.errors)
+    assert errors == {
+        "amqp.url: must start with amqp:// or amqps://",
+        "amqp.prefetch: must be 1..1000",
+        "redis.mode: must be one of 'pubsub', 'stream'",
+        "redis.url: has an invalid port",
+        "mqtt.port: must be 1..65535",
+        "mqtt.qos: unknown key",
+        "mqtt.protocl: unknown key",
+        "mqtt.signing_key: is required when require_signature = true",
+        "ws.reconnect_max: must be >= reconnect_min",
+        "ws.topic: must be 1..255 printable characters",
+    }
+
+
+def test_backoff_is_capped_exponential_with_jitter() -> None:
+    for attempt in range(40):
+        delay = backoff_delay(attempt, 1.0, 60.0)
+        cap = min(60.0, 2.0 ** attempt)
+        assert max(1.0, cap / 2) <= delay <= cap
+    assert len({backoff_delay(10, 1.0, 60.0) for _ in range(20)}) > 1
+
+
+def test_loose_callback_and_safe_url() -> None:
+    assert loose_callback(b'{"command":"x","callback_topic":"cb","callback_delay":"70"}') == (
+        "cb", 70)
+    assert loose_callback(b'{"callback_topic":"cb","callback_delay":99999}') == ("cb", 10000)
+    assert loose_callback(b"[]") == (None, 0)
+    assert loose_callback(b"\xff") == (None, 0)
+    assert safe_url("amqps://user:pw@host:5671/vh?x=1") == "amqps://host:5671/vh"

@@ -1,0 +1,195 @@
+"""WebSocket consumer against ``otpd broker`` (BrokerServer) on localhost."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+from otpd.broker import BrokerConfig, BrokerServer
+from otpd.htpasswd import hash_password
+from otpd.transports.ws import WsConsumer, topic_url
+from tests.transports.conftest import Gateway, command, otp_in, receiver, unique, wait_until
+
+OTPD_USER, OTPD_PASSWORD = "otpd", "pi:pass"
+APP_USER = "kamshory"  # OTP-Publisher sends the user name as the password
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> Path:
+    path = tmp_path / "broker-users"
+    path.write_text(f"{OTPD_USER}:{hash_password(OTPD_PASSWORD, cost=4)}\n"
+                    f"{APP_USER}:{hash_password(APP_USER, cost=4)}\n")
+    return path
+
+
+@pytest.fixture
+async def broker(users: Path) -> AsyncIterator[BrokerServer]:
+    server = BrokerServer(BrokerConfig(htpasswd=users, port=0))
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def config(port: int, topic: str, extra: str = "") -> str:
+    return f"""
+[ws]
+url = "ws://127.0.0.1:{port}/ws?topic=ignored"
+username = "{OTPD_USER}"
+password = "{OTPD_PASSWORD}"
+topic = "{topic}"
+reconnect_min = 0.1
+reconnect_max = 0.5
+{extra}
+"""
+
+
+async def start(gw: Gateway, port: int, topic: str, extra: str = "") -> WsConsumer:
+    (consumer,) = await gw.start(config(port, topic, extra))
+    assert isinstance(consumer, WsConsumer)
+    await wait_until(lambda: consumer.connected, 10, "WS consumer connected")
+    return consumer
+
+
+def php_connect(port: int, topic: str) -> connect:
+    """OTP-Publisher's WSClient sends ``Basic user:user`` (not base64)."""
+    return connect(f"ws://127.0.0.1:{port}/ws/?topic={topic}",
+                   additional_headers={"Authorization": f"Basic {APP_USER}:{APP_USER}"},
+                   open_timeout=5)
+
+
+async def php_publish(port: int, topic: str, body: bytes) -> None:
+    async with php_connect(port, topic) as ws:
+        await ws.send(body.decode())
+
+
+async def php_request(port: int, topic: str, body: bytes, callback: str) -> dict[str, Any]:
+    """Publish, then open the callback topic and read one frame within 10 s."""
+    await php_publish(port, topic, body)
+    async with php_connect(port, callback) as ws:
+        frame = await asyncio.wait_for(ws.recv(), 10)
+    result: dict[str, Any] = json.loads(frame)
+    return result
+
+
+def test_topic_url_replaces_the_topic_parameter() -> None:
+    assert topic_url("wss://h:1/ws/?topic=a&x=1", "b c") == "wss://h:1/ws/?x=1&topic=b+c"
+    assert topic_url("ws://h", "sms") == "ws://h/?topic=sms"
+
+
+async def test_php_client_request_and_verify_with_reply(
+        gateway: Gateway, broker: BrokerServer) -> None:
+    topic = unique("ws")
+    await start(gateway, broker.port, topic)
+    to = receiver()
+    ref = unique("ref")
+    await php_publish(broker.port, topic, command(
+        "request-otp", {"receiver": to, "reference": ref, "message": "Your code %s"}))
+    code = otp_in(await gateway.mail(to))
+    cb = unique("cb")
+    reply = await php_request(broker.port, topic, command(
+        "verify-otp", {"receiver": to, "reference": ref, "otp": code},
+        callback_topic=cb, callback_delay="50"), cb)
+    assert reply["command"] == "verify-otp" and reply["response_code"] == "0000"
+
+
+async def test_malformed_and_oversize_dropped_then_broker_restart_reconnects(
+        gateway: Gateway, broker: BrokerServer, users: Path) -> None:
+    topic = unique("ws")
+    consumer = await start(gateway, broker.port, topic, "max_message = 2048")
+    await php_publish(broker.port, topic, b"<html>")
+    await php_publish(broker.port, topic, b'{"command":"echo","data":"' + b"y" * 4000 + b'"}')
+    cb = unique("cb")
+    reply = await php_request(broker.port, topic, json.dumps(
+        {"command": "nope", "callback_topic": cb}).encode(), cb)
+    assert reply["response_code"] == "1301"
+    assert consumer.connected and consumer.status()["errors"] == 3
+
+    port = broker.port
+    await broker.stop()
+    await wait_until(lambda: not consumer.connected, 10, "disconnect noticed")
+    restarted = BrokerServer(BrokerConfig(htpasswd=users, port=port))
+    await restarted.start()
+    try:
+        await wait_until(lambda: consumer.connected, 10, "reconnected")
+        to = receiver()
+        await php_publish(port, topic, command(
+            "send-email", {"receiver": to, "subject": "S", "message": "after restart"}))
+        await gateway.mail(to)
+    finally:
+        await gateway.stop(consumer)
+        await restarted.stop()
+
+
+async def test_wrong_password_keeps_retrying_without_crashing(
+        gateway: Gateway, broker: BrokerServer) -> None:
+    (consumer,) = await gateway.start(config(broker.port, unique("ws")).replace(
+        OTPD_PASSWORD, "wrong"))
+    await wait_until(lambda: consumer.status()["errors"] >= 2, 10, "retries")
+    status = consumer.status()
+    assert not status["connected"] and "401" in status["last_error"]
+    assert "wrong" not in status["last_error"]
+    assert base64.b64encode(b"otpd:wrong").decode() not in status["last_error"]
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (IP SAN) and its key, made with cryptography."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_wss_with_a_private_ca(gateway: Gateway, users: Path, tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    server = BrokerServer(BrokerConfig(htpasswd=users, port=0, tls_cert=cert, tls_key=key))
+    await server.start()
+    try:
+        topic = unique("wss")
+        text = config(server.port, topic, f'tls_ca = "{cert}"').replace("ws://", "wss://")
+        (consumer,) = await gateway.start(text)
+        await wait_until(lambda: consumer.connected, 10, "wss consumer connected")
+        # Without the CA the certificate is refused (no silent downgrade).
+        (untrusted,) = await gateway.start(
+            config(server.port, unique("wss")).replace("ws://", "wss://"))
+        await wait_until(lambda: untrusted.status()["errors"] >= 1, 10, "TLS refusal")
+        assert not untrusted.connected and "CERTIFICATE" in untrusted.status()["last_error"]
+        await gateway.stop(untrusted)
+        to = receiver()
+        async with connect(f"wss://127.0.0.1:{server.port}/ws?topic={topic}",
+                           additional_headers={"Authorization": f"Basic {APP_USER}:{APP_USER}"},
+                           ssl=ssl.create_default_context(cafile=str(cert))) as ws:
+            await ws.send(command("send-email", {"receiver": to, "subject": "S",
+                                                 "message": "over tls"}).decode())
+        await gateway.mail(to)
+        await gateway.stop(consumer)
+    finally:
+        await server.stop()
