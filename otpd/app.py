@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 import time
 from typing import Any
 
@@ -14,10 +15,12 @@ from otpd.config import Settings
 from otpd.delivery import DeliveryEngine
 from otpd.htpasswd import HtpasswdError, HtpasswdFile
 from otpd.mail import SmtpChannel
-from otpd.otp import load_or_create_key
+from otpd.errors import StartupError
+from otpd.otp import KeyFileError, load_or_create_key
 from otpd.sealing import Sealer
 from otpd.service import Service
 from otpd.store import SqliteStore, StoreError
+from otpd.store.migrations import SchemaTooNew
 from otpd.transports.consumer import Consumer, build_consumers
 from otpd.transports.rest import RestApi
 
@@ -65,8 +68,15 @@ class Daemon:
 
     async def start(self) -> None:
         s = self.settings
-        key = load_or_create_key(s.otp.key_file)
-        self.store = await SqliteStore.open(s.store.path)
+        try:
+            key = load_or_create_key(s.otp.key_file)
+        except (KeyFileError, OSError) as exc:
+            raise StartupError(str(exc) if isinstance(exc, KeyFileError)
+                               else f"otp.key_file: {s.otp.key_file}: {exc.strerror}") from exc
+        try:
+            self.store = await SqliteStore.open(s.store.path)
+        except (StoreError, SchemaTooNew, OSError, sqlite3.Error) as exc:
+            raise StartupError(f"store.path: cannot open {s.store.path}: {exc}") from exc
         channels = self._channels or {
             "sms": build_sms_channel(s),
             "email": SmtpChannel(s.smtp, s.delivery.email_workers, s.delivery.retry_base,
@@ -147,7 +157,11 @@ async def run_until_signalled(daemon: Daemon) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await daemon.start()
+        try:
+            await daemon.start()
+        except StartupError as exc:
+            log.error("cannot start: %s", exc)
+            raise
         log.info("otpd ready")
         await stop.wait()
         log.info("stopping")

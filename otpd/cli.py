@@ -37,12 +37,16 @@ def _load(path: Path) -> Settings | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from otpd.app import Daemon, run_until_signalled
+    from otpd.errors import StartupError
 
     settings = _load(args.config)
     if settings is None:
         return 2
     setup_logging(settings.log.level)
-    asyncio.run(run_until_signalled(Daemon(settings)))
+    try:
+        asyncio.run(run_until_signalled(Daemon(settings)))
+    except StartupError:
+        return 1  # already logged, naming the key
     return 0
 
 
@@ -119,8 +123,14 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from otpd.demo import run_demo
 
+    from otpd.errors import StartupError
+
     setup_logging("info")
-    return asyncio.run(run_demo(args.dir, args.port))
+    try:
+        return asyncio.run(run_demo(args.dir, args.port))
+    except StartupError as exc:
+        print(f"otpd demo: {exc} (is another demo running? try --port)", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from typing import Any
 from otpd.app import Daemon
 from otpd.config import load_settings
 from otpd.htpasswd import set_user
+from otpd.sms.simulator import ModemSimulator
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"  # noqa: S105 - the demo's documented local credentials
@@ -108,19 +109,17 @@ def _usage(port: int) -> str:
     """)
 
 
-async def _print_sms(simulator: Any) -> None:
+async def _print_sms(simulator: ModemSimulator) -> None:
     seen = 0
     while True:
         await asyncio.sleep(0.2)
         for sms in simulator.sent[seen:]:
-            print(f"\n[simulated phone] SMS to {sms['receiver']}: {sms['text']}", flush=True)
+            print(f"\n[simulated phone] SMS to {sms.receiver}: {sms.text}", flush=True)
         seen = len(simulator.sent)
 
 
 async def run_demo(state_dir: Path | None, port: int) -> int:
     from aiosmtpd.controller import Controller
-
-    from otpd.sms.simulator import ModemSimulator
 
     with contextlib.ExitStack() as stack:
         if state_dir is None:

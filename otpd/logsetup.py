@@ -48,4 +48,4 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     # Library chatter at debug level could include message payloads.
     for noisy in ("aiosmtplib", "aio_pika", "aiormq", "websockets", "mail.log", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

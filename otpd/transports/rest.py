@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from otpd.codes import Code
+from otpd.errors import StartupError
 from otpd.config import ServerSettings
 from otpd.htpasswd import HtpasswdFile
 from otpd.protocol import ProtocolError, Response, error_response, parse_request
@@ -88,12 +89,23 @@ class RestApi:
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
         ssl_ctx = None
-        if self.settings.tls_cert:
-            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_ctx.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        try:
+            if self.settings.tls_cert:
+                ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ssl_ctx.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            await runner.cleanup()
+            raise StartupError(f"server.tls_cert/tls_key: cannot load: {exc}") from exc
         site = web.TCPSite(runner, self.settings.host, self.settings.port, ssl_context=ssl_ctx,
                            reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise StartupError(
+                f"server.listen: cannot listen on {self.settings.host}:{self.settings.port}:"
+                f" {exc.strerror or exc}"
+            ) from exc
         self._runner = runner
         server = site._server
         sockets = getattr(server, "sockets", None) or []

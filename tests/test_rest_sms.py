@@ -1,0 +1,156 @@
+"""End to end with the real modem stack: REST -> service -> outbox -> pool -> AT over a
+pseudo-terminal -> the modem simulator, which decodes the PDUs it receives."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from otpd.sms.simulator import ModemSimulator
+from tests.conftest import Running, start_daemon, write_config
+
+
+def modem_block(name: str, port: Path, prefixes: str = "[]") -> str:
+    return f"""
+        [[modem]]
+        name = "{name}"
+        port = "{port}"
+        prefixes = {prefixes}
+        command_timeout = 1
+        prompt_timeout = 2
+        send_timeout = 2
+    """
+
+
+SMS_FAST = """
+    [sms]
+    retry_delay = 0.2
+    probe_interval = 0.3
+"""
+
+
+@pytest.fixture
+async def sim(tmp_path: Path) -> AsyncIterator[ModemSimulator]:
+    s = ModemSimulator(tmp_path / "modem1", name="sim1", seed=1, store_sent=True)
+    await s.start()
+    yield s
+    await s.stop()
+
+
+async def wait_ready(run: Running, count: int = 1) -> None:
+    for _ in range(100):
+        _, body = await run.client.call("get-modem-list", {})
+        modems = body["data"]["modem_list"].values()
+        if sum(m["state"] == "ready" for m in modems) >= count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"modems not ready: {body}")
+
+
+async def test_otp_by_sms_and_verify(tmp_path: Path, sim: ModemSimulator,
+                                     session: aiohttp.ClientSession) -> None:
+    config = write_config(tmp_path, modem_block("sim1", tmp_path / "modem1") + SMS_FAST)
+    run = await start_daemon(config, session)
+    try:
+        await wait_ready(run)
+        _, body = await run.client.call("request-otp", {
+            "receiver": "08126666666", "reference": "r1", "message": "Kode OTP Anda %s",
+            "param1": "100000"})
+        assert body["response_code"] == "0000", body
+        assert body["data"]["via"] == "sim1"
+        assert len(sim.sent) == 1 and sim.sent[0].receiver == "+628126666666"
+        code = sim.sent[0].text.removeprefix("Kode OTP Anda ")
+        assert len(code) == 6 and code.isdigit()
+        # The modem kept a stored copy of the sent message; otpd deleted it.
+        assert not [s for s in sim.storage.values() if s.stat in (2, 3)]
+        _, body = await run.client.call("verify-otp", {
+            "receiver": "+62 812 6666 666", "reference": "r1", "otp": code, "param1": "100000"})
+        assert body["response_code"] == "0000"
+    finally:
+        await run.daemon.stop()
+
+
+async def test_long_unicode_sms_and_modem_list(tmp_path: Path, sim: ModemSimulator,
+                                               session: aiohttp.ClientSession) -> None:
+    config = write_config(tmp_path, modem_block("sim1", tmp_path / "modem1") + SMS_FAST)
+    run = await start_daemon(config, session)
+    try:
+        await wait_ready(run)
+        text = "Kode verifikasi 😀 untuk transaksi Rp 100.000 — jangan bagikan. " * 3
+        _, body = await run.client.call("send-sms", {"receiver": "+628121111111",
+                                                     "message": text, "id": 1})
+        assert body["response_code"] == "0000", body
+        assert sim.sent[-1].text == text and sim.sent[-1].parts > 1
+        _, body = await run.client.call("get-modem-list", {})
+        modem = body["data"]["modem_list"]["sim1"]
+        assert modem["sent"] == 1 and "pin" not in modem
+        _, body = await run.client.call("request-ussd", {"modem_id": "sim1",
+                                                         "ussd_code": "*888#"})
+        assert body["response_code"] == "0000" and "Balance" in body["data"]["ussd_content"]
+        _, body = await run.client.call("request-ussd", {"modem_id": "nope",
+                                                         "ussd_code": "*888#"})
+        assert body["response_code"] == "1102"
+    finally:
+        await run.daemon.stop()
+
+
+async def test_failover_to_second_modem(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    bad = ModemSimulator(tmp_path / "m1", name="m1", seed=2)
+    good = ModemSimulator(tmp_path / "m2", name="m2", seed=3)
+    await bad.start()
+    await good.start()
+    config = write_config(tmp_path, modem_block("m1", tmp_path / "m1", '["0812"]')
+                          + modem_block("m2", tmp_path / "m2", '["0899"]') + SMS_FAST)
+    run = await start_daemon(config, session)
+    try:
+        await wait_ready(run, 2)
+        bad.set_fault("error", code=38)  # network out of order on the routed modem
+        _, body = await run.client.call("send-sms", {"receiver": "08120000001", "message": "x"})
+        assert body["response_code"] == "0000", body
+        assert body["data"]["via"] == "m2"
+        assert [m.receiver for m in good.sent] == ["+628120000001"] and not bad.sent
+    finally:
+        await run.daemon.stop()
+        await bad.stop()
+        await good.stop()
+
+
+async def test_no_usable_modem_gives_1101_at_expiry(tmp_path: Path,
+                                                    session: aiohttp.ClientSession) -> None:
+    # Configured, but the port never appears.
+    config = write_config(tmp_path, modem_block("ghost", tmp_path / "ghost") + SMS_FAST)
+    run = await start_daemon(config, session)
+    try:
+        _, body = await run.client.call("send-sms", {
+            "receiver": "08120000001", "message": "x", "expiration": int(time.time()) + 2})
+        assert body["response_code"] == "1101", body
+        _, body = await run.client.call("request-otp", {
+            "receiver": "08120000001", "reference": "r9", "message": "%s",
+            "expiration": int(time.time()) + 2})
+        assert body["response_code"] == "1101"
+    finally:
+        await run.daemon.stop()
+
+
+async def test_message_waits_for_a_modem_that_comes_back(
+        tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    sim = ModemSimulator(tmp_path / "late", name="late", seed=4)
+    config = write_config(tmp_path, modem_block("late", tmp_path / "late") + SMS_FAST, wait=0)
+    run = await start_daemon(config, session)
+    try:
+        _, body = await run.client.call("send-sms", {"receiver": "08120000002", "message": "hi"})
+        assert body["response_code"] == "1111"  # durably queued
+        await sim.start()  # the USB stick is plugged in
+        for _ in range(100):
+            if sim.sent:
+                break
+            await asyncio.sleep(0.1)
+        assert [m.text for m in sim.sent] == ["hi"]
+    finally:
+        await run.daemon.stop()
+        await sim.stop()
