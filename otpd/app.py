@@ -13,9 +13,9 @@ from typing import Any
 from otpd.channel import Channel, WorkSource
 from otpd.config import Settings
 from otpd.delivery import DeliveryEngine
+from otpd.errors import StartupError
 from otpd.htpasswd import HtpasswdError, HtpasswdFile
 from otpd.mail import SmtpChannel
-from otpd.errors import StartupError
 from otpd.otp import KeyFileError, load_or_create_key
 from otpd.sealing import Sealer
 from otpd.service import Service

@@ -122,7 +122,6 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from otpd.demo import run_demo
-
     from otpd.errors import StartupError
 
     setup_logging("info")

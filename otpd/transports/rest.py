@@ -19,8 +19,8 @@ from typing import Any
 from aiohttp import web
 
 from otpd.codes import Code
-from otpd.errors import StartupError
 from otpd.config import ServerSettings
+from otpd.errors import StartupError
 from otpd.htpasswd import HtpasswdFile
 from otpd.protocol import ProtocolError, Response, error_response, parse_request
 from otpd.service import Service
