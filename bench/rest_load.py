@@ -43,6 +43,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve_echo(port: int) -> None:
+    """The baseline server, run in its own process like otpd."""
+
+    async def run() -> None:
+        await echo_server(port)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def spawn(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ})
+
+
+async def wait_listening(url: str) -> None:
+    for _ in range(200):
+        try:
+            async with aiohttp.ClientSession() as s, s.post(url, data=b"{}") as r:
+                await r.read()
+                return
+        except aiohttp.ClientError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
 async def echo_server(port: int) -> web.AppRunner:
     async def echo(request: web.Request) -> web.Response:
         body = json.loads(await request.read())
@@ -105,20 +130,19 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=4000)
-    parser.add_argument("--concurrency", type=int, default=64)
-    args = parser.parse_args()
-
+async def main(args: argparse.Namespace) -> None:
     results: dict[str, dict[str, float]] = {}
     echo_port = free_port()
-    runner = await echo_server(echo_port)
-    results["echo (bare aiohttp)"] = await load(
-        f"http://127.0.0.1:{echo_port}/api/otp",
-        lambda i: {"command": "verify-otp", "data": {"receiver": "0812", "otp": "1"}},
-        args.requests, args.concurrency)
-    await runner.cleanup()
+    echo = spawn(__file__, "--serve-echo", str(echo_port))
+    try:
+        await wait_listening(f"http://127.0.0.1:{echo_port}/api/otp")
+        results["echo (bare aiohttp)"] = await load(
+            f"http://127.0.0.1:{echo_port}/api/otp",
+            lambda i: {"command": "verify-otp", "data": {"receiver": "0812", "otp": "1"}},
+            args.requests, args.concurrency)
+    finally:
+        echo.terminate()
+        echo.wait()
 
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp)
@@ -140,35 +164,37 @@ default_lifetime = 3600
 wait = 0
 [log]
 level = "warning"
-[[smtp]]
-host = "127.0.0.1"
-port = {free_port()}
-sender = "a@example.com"
-timeout = 1
+# A modem whose port never appears: request-otp is measured as "queued", the
+# ingest path alone (real modems take seconds per SMS, so sending costs no CPU).
+[[modem]]
+name = "absent"
+port = "{state / 'no-such-tty'}"
 """)
-        proc = subprocess.Popen([sys.executable, "-m", "otpd", "run", "--config", str(config)],
-                                cwd=ROOT, env={**os.environ})
+        proc = spawn("-m", "otpd", "run", "--config", str(config))
         try:
             url = f"http://127.0.0.1:{port}/api/otp"
-            for _ in range(100):
-                try:
-                    async with aiohttp.ClientSession() as s, s.post(url, data=b"{}") as r:
-                        if r.status == 401:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
+            await wait_listening(url)
+            await asyncio.sleep(1.0)
             idle = rss_mb(proc.pid)
             results["otpd request-otp (queued)"] = await load(url, lambda i: {
                 "command": "request-otp", "data": {
-                    "receiver": f"user{i}@example.org", "reference": f"ref-{i}",
+                    "receiver": f"+6281{i:08d}", "reference": f"ref-{i}",
                     "message": "Your OTP is %s"}}, args.requests, args.concurrency)
             # verify-otp on the OTPs just made, with a wrong code: each one is a
             # real HMAC check and a durable attempt-counter write.
             results["otpd verify-otp"] = await load(url, lambda i: {
                 "command": "verify-otp", "data": {
-                    "receiver": f"user{i}@example.org", "reference": f"ref-{i}",
+                    "receiver": f"+6281{i:08d}", "reference": f"ref-{i}",
                     "otp": "0000000"}}, args.requests, args.concurrency)
             loaded = rss_mb(proc.pid)
+            if args.profile:
+                prof = subprocess.Popen(["py-spy", "record", "-d", "8", "-f", "raw", "-o",
+                                         args.profile, "-p", str(proc.pid), "-t"])
+                await load(url, lambda i: {
+                    "command": "request-otp", "data": {
+                        "receiver": f"+6282{i:08d}", "reference": f"p-{i}",
+                        "message": "Your OTP is %s"}}, args.requests * 3, args.concurrency)
+                prof.wait()
         finally:
             proc.terminate()
             proc.wait(timeout=20)
@@ -184,4 +210,13 @@ timeout = 1
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", help="py-spy raw output file for a request-otp run")
+    arguments = parser.parse_args()
+    if arguments.serve_echo:
+        serve_echo(arguments.serve_echo)
+    else:
+        asyncio.run(main(arguments))

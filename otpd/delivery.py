@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from otpd.channel import Channel, Delivered, Failed, Job, Outcome, Retry
 from otpd.codes import Code
+from otpd.jobqueue import JobQueue, Pending
 from otpd.msisdn import mask
 from otpd.sealing import Sealer, SealError
 from otpd.store import MessageRow, SqliteStore, StoreError
@@ -37,21 +38,13 @@ class Result:
     via: str = ""
 
 
-@dataclass
-class _Pending:
-    job: Job
-    due: float
-    reserved: bool = False
-    last_error: str = ""
-
-
 class ChannelQueue:
     """The pending jobs of one channel; the channel's WorkSource."""
 
     def __init__(self, engine: DeliveryEngine, channel: Channel) -> None:
         self.engine = engine
         self.channel = channel
-        self.jobs: dict[int, _Pending] = {}
+        self.jobs = JobQueue()
         self.changed = asyncio.Condition()
         self.sweep_now = asyncio.Event()
 
@@ -65,21 +58,10 @@ class ChannelQueue:
         async with self.changed:
             while True:
                 now = self.engine.clock()
-                best: _Pending | None = None
-                next_due: float | None = None
-                for p in self.jobs.values():
-                    if p.reserved or p.job.expires_at <= now:
-                        continue
-                    if p.due > now:
-                        next_due = p.due if next_due is None else min(next_due, p.due)
-                        continue
-                    if accept is not None and not accept(p.job):
-                        continue
-                    if best is None or p.job.id < best.job.id:
-                        best = p
-                if best is not None:
-                    best.reserved = True
-                    return best.job
+                p = self.jobs.reserve(now, accept)
+                if p is not None:
+                    return p.job
+                next_due = self.jobs.next_due()
                 timeout = None if next_due is None else max(0.01, next_due - now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.changed.wait(), timeout)
@@ -95,10 +77,6 @@ class ChannelQueue:
         async with self.changed:
             self.changed.notify_all()
         self.sweep_now.set()
-
-    def next_expiry(self) -> float | None:
-        times = [p.job.expires_at for p in self.jobs.values() if not p.reserved]
-        return min(times) if times else None
 
 
 class DeliveryEngine:
@@ -155,7 +133,7 @@ class DeliveryEngine:
         return sum(len(q.jobs) for q in self.queues.values())
 
     def oldest_pending_age(self) -> float:
-        created = [p.job.created_at for q in self.queues.values() for p in q.jobs.values()]
+        created = [p.job.created_at for q in self.queues.values() for p in q.jobs]
         return self.clock() - min(created) if created else 0.0
 
     async def submit(self, job: Job) -> asyncio.Future[Result]:
@@ -167,7 +145,7 @@ class DeliveryEngine:
         return fut
 
     def _add(self, job: Job, due: float) -> None:
-        self.queues[job.channel].jobs[job.id] = _Pending(job, due)
+        self.queues[job.channel].jobs.add(job, due, self.clock())
 
     async def _job_from_row(self, row: MessageRow) -> Job | None:
         if row.channel not in self.queues or row.sealed is None:
@@ -198,16 +176,16 @@ class DeliveryEngine:
             log.error("message %d: could not record the send attempt: %s", job.id, exc)
 
     async def finish(self, queue: ChannelQueue, job: Job, outcome: Outcome) -> None:
-        pending = queue.jobs.get(job.id)
+        pending = queue.jobs.pending.get(job.id)
         if pending is None:
             return
         attempts = job.attempts + 1
         if isinstance(outcome, Retry):
-            due = self.clock() + max(outcome.delay, 0.0)
+            now = self.clock()
+            due = now + max(outcome.delay, 0.0)
             pending.job = _with_attempts(job, attempts)
-            pending.due = due
             pending.last_error = outcome.reason
-            pending.reserved = False
+            queue.jobs.release(pending, due, now)
             log.info("message %d to %s: retry in %.1fs (%s)", job.id, mask(job.receiver),
                      max(outcome.delay, 0.0), outcome.reason)
             try:
@@ -216,7 +194,7 @@ class DeliveryEngine:
                 log.error("message %d: could not record retry: %s", job.id, exc)
             await queue.notify()
             return
-        del queue.jobs[job.id]
+        queue.jobs.remove(job.id)
         if isinstance(outcome, Delivered):
             result = Result("sent", Code.SUCCESS, outcome.detail, outcome.via)
             log.info("message %d to %s: sent via %s", job.id, mask(job.receiver), outcome.via)
@@ -232,20 +210,19 @@ class DeliveryEngine:
         """Drop what expired unsent, as soon as it expires."""
         while True:
             now = self.clock()
-            for p in [p for p in queue.jobs.values() if not p.reserved and p.job.expires_at <= now]:
-                del queue.jobs[p.job.id]
+            for p in queue.jobs.pop_expired(now):
                 result = self._expiry_result(queue.channel, p)
                 log.warning("message %d to %s: dropped at expiration (%s)", p.job.id,
                             mask(p.job.receiver), result.reason)
                 await self._resolve(p.job.id, result, p.job.attempts)
-            nxt = queue.next_expiry()
+            nxt = queue.jobs.next_expiry()
             sleep = _MAX_SWEEP_SLEEP if nxt is None else min(max(nxt - now, 0.01), _MAX_SWEEP_SLEEP)
             queue.sweep_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(queue.sweep_now.wait(), sleep)
 
     @staticmethod
-    def _expiry_result(channel: Channel, p: _Pending) -> Result:
+    def _expiry_result(channel: Channel, p: Pending) -> Result:
         if channel.name == "sms" and not channel.usable():
             return Result("expired", Code.NO_DEVICE_CONNECTED,
                           "no modem could take the message before it expired")
@@ -285,8 +262,9 @@ class DeliveryEngine:
                 raise
             except Exception:
                 log.exception("channel %s crashed; restarting in %.0fs", queue.channel.name, delay)
-                for p in queue.jobs.values():
-                    p.reserved = False
+                now = self.clock()
+                for p in [p for p in queue.jobs if p.reserved]:
+                    queue.jobs.release(p, now, now)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 
