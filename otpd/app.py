@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from otpd.channel import Channel, WorkSource
-from otpd.config import Settings
+from otpd.config import Settings, StoreSettings
 from otpd.delivery import DeliveryEngine
 from otpd.errors import StartupError
 from otpd.htpasswd import HtpasswdError, HtpasswdFile
@@ -19,8 +19,9 @@ from otpd.mail import SmtpChannel
 from otpd.otp import KeyFileError, load_or_create_key
 from otpd.sealing import Sealer
 from otpd.service import Service
-from otpd.store import SqliteStore, StoreError
+from otpd.store import SqliteStore, Store, StoreError
 from otpd.store.migrations import SchemaTooNew
+from otpd.store.redis_state import RedisSharedStore
 from otpd.transports.consumer import Consumer, build_consumers
 from otpd.transports.rest import RestApi
 
@@ -53,11 +54,22 @@ def build_sms_channel(settings: Settings) -> Channel:
     return ModemPool(settings.sms, country_code=settings.otp.country_code)
 
 
+async def open_store(s: StoreSettings) -> Store:
+    try:
+        if s.backend == "redis":
+            return await RedisSharedStore.open(s.path, s.redis_url, s.redis_prefix,
+                                               s.expired_grace, s.retention)
+        return await SqliteStore.open(s.path)
+    except (StoreError, SchemaTooNew, OSError, sqlite3.Error) as exc:
+        key = "store.redis_url" if "redis" in str(exc) else "store.path"
+        raise StartupError(f"{key}: cannot open the store: {exc}") from exc
+
+
 class Daemon:
     def __init__(self, settings: Settings, *, channels: dict[str, Channel] | None = None) -> None:
         self.settings = settings
         self._channels = channels
-        self.store: SqliteStore | None = None
+        self.store: Store | None = None
         self.engine: DeliveryEngine | None = None
         self.service: Service | None = None
         self.rest: RestApi | None = None
@@ -73,10 +85,7 @@ class Daemon:
         except (KeyFileError, OSError) as exc:
             raise StartupError(str(exc) if isinstance(exc, KeyFileError)
                                else f"otp.key_file: {s.otp.key_file}: {exc.strerror}") from exc
-        try:
-            self.store = await SqliteStore.open(s.store.path)
-        except (StoreError, SchemaTooNew, OSError, sqlite3.Error) as exc:
-            raise StartupError(f"store.path: cannot open {s.store.path}: {exc}") from exc
+        self.store = await open_store(s.store)
         channels = self._channels or {
             "sms": build_sms_channel(s),
             "email": SmtpChannel(s.smtp, s.delivery.email_workers, s.delivery.retry_base,

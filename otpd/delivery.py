@@ -21,7 +21,7 @@ from otpd.codes import Code
 from otpd.jobqueue import JobQueue, Pending
 from otpd.msisdn import mask
 from otpd.sealing import Sealer, SealError
-from otpd.store import MessageRow, SqliteStore, StoreError
+from otpd.store import MessageRow, Store, StoreError
 
 log = logging.getLogger("otpd.delivery")
 
@@ -82,7 +82,7 @@ class ChannelQueue:
 class DeliveryEngine:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         channels: dict[str, Channel],
         sealer: Sealer,
         clock: Callable[[], float] = time.time,

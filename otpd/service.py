@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from otpd import otp as otpmod
@@ -43,7 +44,7 @@ from otpd.store import (
     NewMessage,
     NewOtp,
     OtpRecord,
-    SqliteStore,
+    Store,
     StoreError,
     VerifyResult,
 )
@@ -66,7 +67,7 @@ class Service:
     def __init__(
         self,
         settings: Settings,
-        store: SqliteStore,
+        store: Store,
         engine: DeliveryEngine,
         channels: dict[str, Channel],
         server_key: bytes,
@@ -208,6 +209,7 @@ class Service:
             command=name, channel=channel, receiver=receiver, subject=subject,
             sealed=self.sealer.seal(text, receiver), created_at=now, expires_at=expires_at,
         )
+        msg = replace(msg, otp_reference=cmd.reference)
         otp_row = NewOtp(cmd.reference, receiver, salt, digest, now, expires_at)
         inserted = await self.store.insert_message(msg, otp_row)
         if isinstance(inserted, Duplicate):
@@ -236,9 +238,9 @@ class Service:
         inserted = await self.store.insert_message(msg)
         if isinstance(inserted, Duplicate):
             data = _echo(cmd, None)
-            if inserted.message is not None:
-                data["status"] = inserted.message.state
-                data["first_response_code"] = inserted.message.code or Code.PENDING.value
+            if inserted.state is not None:
+                data["status"] = inserted.state
+                data["first_response_code"] = inserted.code or Code.PENDING.value
             return Response(name, Code.DUPLICATED, data, "message id already accepted")
         return await self._deliver(name, cmd, inserted.id, msg, cmd.message, wait, on_stored)
 

@@ -53,6 +53,17 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE outbox ADD COLUMN attempt_started REAL;
     """,
+    # 3: sliding-window rate limits (one row per hit, or per distinct member).
+    """
+    CREATE TABLE rate_events (
+        key    TEXT NOT NULL,
+        member TEXT NOT NULL,
+        at     REAL NOT NULL,
+        PRIMARY KEY (key, member)
+    );
+    CREATE INDEX rate_events_key_at ON rate_events (key, at);
+    CREATE INDEX rate_events_at ON rate_events (at);
+    """,
 ]
 
 

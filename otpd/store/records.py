@@ -41,6 +41,7 @@ class NewMessage:
     created_at: float
     expires_at: float
     dedupe_key: str | None = None
+    otp_reference: str | None = None  # request-otp: the OTP this message carries
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,27 @@ class MessageRow:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """At most ``limit`` hits per sliding ``window`` seconds under ``key``.
+
+    With ``member`` set, hits count distinct members (e.g. distinct receivers
+    per user per day) instead of events."""
+
+    key: str
+    window: float
+    limit: int
+    member: str | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What a shared-state backend must update once a message is final."""
+
+    otp_reference: str | None
+    dedupe_key: str | None
+
+
+@dataclass(frozen=True)
 class Inserted:
     id: int
 
@@ -72,7 +94,8 @@ class Inserted:
 @dataclass(frozen=True)
 class Duplicate:
     kind: str  # "reference" (request-otp) or "id" (message id already accepted)
-    message: MessageRow | None
+    state: str | None = None  # the first message's state and code, for kind "id"
+    code: str | None = None
 
 
 class VerifyResult(Enum):

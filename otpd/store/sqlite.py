@@ -8,19 +8,22 @@ survives a power cut.
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from otpd.store.migrations import migrate
 from otpd.store.records import (
     Duplicate,
+    Finished,
     Inserted,
     MessageRow,
     NewMessage,
     NewOtp,
     OtpRecord,
+    RateLimit,
     StoreError,
     VerifyResult,
 )
@@ -81,7 +84,7 @@ class SqliteStore:
         def run(c: sqlite3.Connection) -> Inserted | Duplicate:
             if otp is not None:
                 if c.execute("SELECT 1 FROM otp WHERE reference = ?", (otp.reference,)).fetchone():
-                    return Duplicate(kind="reference", message=None)
+                    return Duplicate(kind="reference")
                 c.execute(
                     "INSERT INTO otp (reference, receiver, salt, digest, created_at, expires_at,"
                     " attempts, state) VALUES (?, ?, ?, ?, ?, ?, 0, 'active')",
@@ -97,7 +100,8 @@ class SqliteStore:
             if msg.dedupe_key is not None:
                 row = c.execute(_SELECT_BY_DEDUPE, (msg.dedupe_key,)).fetchone()
                 if row is not None:
-                    return Duplicate(kind="id", message=_message(row))
+                    first = _message(row)
+                    return Duplicate(kind="id", state=first.state, code=first.code)
             cur = c.execute(
                 "INSERT INTO outbox (dedupe_key, command, channel, receiver, subject, sealed,"
                 " otp_reference, state, attempts, created_at, expires_at, next_attempt_at)"
@@ -109,7 +113,7 @@ class SqliteStore:
                     msg.receiver,
                     msg.subject,
                     msg.sealed,
-                    otp.reference if otp else None,
+                    msg.otp_reference,
                     msg.created_at,
                     msg.expires_at,
                     msg.created_at,
@@ -164,24 +168,28 @@ class SqliteStore:
         via: str,
         attempts: int,
         now: float,
-    ) -> None:
+    ) -> Finished:
         """Make a message final and wipe its text. A request-otp whose message was
         not sent loses its OTP too, so the client may retry with the same reference."""
 
-        def run(c: sqlite3.Connection) -> None:
+        def run(c: sqlite3.Connection) -> Finished:
             c.execute(
                 "UPDATE outbox SET state = ?, code = ?, reason = ?, via = ?, attempts = ?,"
                 " finished_at = ?, sealed = NULL WHERE id = ?",
                 (state, code, reason, via, attempts, now, message_id),
             )
-            if state != "sent":
+            row = c.execute(
+                "SELECT otp_reference, dedupe_key FROM outbox WHERE id = ?", (message_id,)
+            ).fetchone()
+            finished = Finished(*row) if row else Finished(None, None)
+            if state != "sent" and finished.otp_reference is not None:
                 c.execute(
-                    "DELETE FROM otp WHERE state = 'active' AND reference ="
-                    " (SELECT otp_reference FROM outbox WHERE id = ?)",
-                    (message_id,),
+                    "DELETE FROM otp WHERE state = 'active' AND reference = ?",
+                    (finished.otp_reference,),
                 )
+            return finished
 
-        await self._tx(run)
+        return await self._tx(run)
 
     async def verify_otp(
         self,
@@ -235,6 +243,45 @@ class SqliteStore:
 
         return await self._tx(run)
 
+    async def blocked(self) -> list[str]:
+        def run(c: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in c.execute("SELECT receiver FROM blocklist ORDER BY receiver")]
+
+        return await self._tx(run)
+
+    async def rate_hit(self, limits: Sequence[RateLimit], now: float) -> float:
+        def run(c: sqlite3.Connection) -> float:
+            wait = 0.0
+            for lim in limits:
+                since = now - lim.window
+                rows = c.execute(
+                    "SELECT at FROM rate_events WHERE key = ? AND at > ? ORDER BY at",
+                    (lim.key, since),
+                ).fetchall()
+                if lim.member is not None and any(
+                    c.execute(
+                        "SELECT 1 FROM rate_events WHERE key = ? AND member = ? AND at > ?",
+                        (lim.key, lim.member, since),
+                    ).fetchall()
+                ):
+                    continue  # a member already counted costs nothing more
+                if len(rows) + 1 > lim.limit:
+                    # Allowed again when enough of the oldest hits leave the window.
+                    oldest = rows[len(rows) - lim.limit][0] if lim.limit > 0 else now
+                    wait = max(wait, oldest + lim.window - now, 0.001)
+            if wait > 0:
+                return wait
+            for lim in limits:
+                member = lim.member if lim.member is not None else secrets.token_hex(8)
+                c.execute(
+                    "INSERT INTO rate_events (key, member, at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key, member) DO UPDATE SET at = excluded.at",
+                    (lim.key, member, now),
+                )
+            return 0.0
+
+        return await self._tx(run)
+
     async def is_blocked(self, receiver: str) -> bool:
         def run(c: sqlite3.Connection) -> bool:
             row = c.execute("SELECT 1 FROM blocklist WHERE receiver = ?", (receiver,)).fetchone()
@@ -249,6 +296,8 @@ class SqliteStore:
 
         def run(c: sqlite3.Connection) -> tuple[int, int]:
             otps = c.execute("DELETE FROM otp WHERE expires_at < ?", (otp_before,)).rowcount
+            # No limit window is longer than 31 days.
+            c.execute("DELETE FROM rate_events WHERE at < ?", (otp_before - 31 * 86400,))
             msgs = c.execute(
                 "DELETE FROM outbox WHERE state != 'pending' AND finished_at < ?",
                 (messages_before,),

@@ -1,0 +1,83 @@
+"""What the service and the delivery engine need from a store.
+
+Two implementations: :class:`~otpd.store.sqlite.SqliteStore` keeps everything
+in one local SQLite file; :class:`~otpd.store.redis_state.RedisSharedStore`
+keeps what several nodes must share (OTPs, block list, message ids, rate
+counters) in Redis and each node's own outbox in its local SQLite file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from otpd.store.records import (
+    Duplicate,
+    Finished,
+    Inserted,
+    MessageRow,
+    NewMessage,
+    NewOtp,
+    OtpRecord,
+    RateLimit,
+    VerifyResult,
+)
+
+
+class Store(Protocol):
+    async def close(self) -> None: ...
+
+    async def check_writable(self) -> None: ...
+
+    # outbox (always local to the node that acknowledged the command)
+    async def insert_message(
+        self, msg: NewMessage, otp: NewOtp | None = None
+    ) -> Inserted | Duplicate: ...
+
+    async def pending_messages(self) -> list[MessageRow]: ...
+
+    async def message(self, message_id: int) -> MessageRow | None: ...
+
+    async def mark_attempt(self, message_id: int, now: float) -> None: ...
+
+    async def record_retry(
+        self, message_id: int, attempts: int, next_attempt_at: float, reason: str
+    ) -> None: ...
+
+    async def finish_message(
+        self,
+        message_id: int,
+        *,
+        state: str,
+        code: str,
+        reason: str,
+        via: str,
+        attempts: int,
+        now: float,
+    ) -> Finished: ...
+
+    # shared state
+    async def verify_otp(
+        self,
+        reference: str,
+        now: float,
+        matches: Callable[[OtpRecord], bool],
+        max_attempts: int,
+    ) -> VerifyResult: ...
+
+    async def block(self, receiver: str, now: float) -> None: ...
+
+    async def unblock(self, receiver: str) -> bool: ...
+
+    async def is_blocked(self, receiver: str) -> bool: ...
+
+    async def blocked(self) -> list[str]: ...
+
+    async def rate_hit(self, limits: Sequence[RateLimit], now: float) -> float:
+        """All-or-nothing: record a hit under every limit and return 0.0, or
+        record nothing and return the seconds until all would allow it."""
+        ...
+
+    async def purge(self, otp_before: float, messages_before: float) -> tuple[int, int]: ...
+
+    async def counts(self) -> dict[str, int]: ...

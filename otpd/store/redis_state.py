@@ -1,0 +1,291 @@
+"""Shared state in Redis for several otpd nodes; each node's outbox stays local.
+
+With ``[store] backend = "redis"``, OTP records, the block list, accepted
+message ids and rate-limit counters live in Redis (keys with TTLs, updates
+atomic in Lua), so nodes consuming one queue verify each other's OTPs and
+never send the same message id twice. What a node acknowledged stays in its
+own durable SQLite outbox, so a Redis outage never loses accepted work.
+
+Keys (``prefix`` default ``otpd:``):
+  ``otp:<reference>``  hash: receiver, salt, digest, expires_at, attempts, state
+  ``id:<dedupe key>``  JSON of the first message's state and code
+  ``blocklist``        set of canonical receivers
+  ``rate:<key>``       sorted set of hits (score = time)
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from otpd.store.records import (
+    Duplicate,
+    Finished,
+    Inserted,
+    MessageRow,
+    NewMessage,
+    NewOtp,
+    OtpRecord,
+    RateLimit,
+    StoreError,
+    VerifyResult,
+)
+from otpd.store.sqlite import SqliteStore
+
+# KEYS[1] otp key; ARGV: receiver, salt, digest, expires_at, expire-at-ms
+_CREATE_OTP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'receiver', ARGV[1], 'salt', ARGV[2], 'digest', ARGV[3],
+           'expires_at', ARGV[4], 'attempts', 0, 'state', 'active')
+redis.call('PEXPIREAT', KEYS[1], ARGV[5])
+return 1
+"""
+
+# KEYS[1] otp key; ARGV: expected attempts, matched (1/0), max attempts.
+# Compare-and-set: the HMAC is checked in Python against what was read; if
+# another node changed the record meanwhile, the caller reads it again.
+_SETTLE_VERIFY = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'unknown' end
+if state ~= 'active' then return state end
+if tonumber(redis.call('HGET', KEYS[1], 'attempts')) ~= tonumber(ARGV[1]) then return 'retry' end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'state', 'used')
+  return 'ok'
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'state', 'burned')
+  return 'burned'
+end
+return 'wrong'
+"""
+
+_DROP_ACTIVE_OTP = """
+if redis.call('HGET', KEYS[1], 'state') == 'active' then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: rate keys; ARGV: now, then per key: window, limit, member ('' = count events), new id
+_RATE_HIT = """
+local now = tonumber(ARGV[1])
+local wait = 0
+for i, key in ipairs(KEYS) do
+  local window = tonumber(ARGV[2 + (i - 1) * 4])
+  local limit = tonumber(ARGV[3 + (i - 1) * 4])
+  local member = ARGV[4 + (i - 1) * 4]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local counted = member ~= '' and redis.call('ZSCORE', key, member)
+  if not counted then
+    local n = redis.call('ZCARD', key)
+    if n + 1 > limit then
+      local oldest = redis.call('ZRANGE', key, n - limit, n - limit, 'WITHSCORES')
+      local at = oldest[2] and tonumber(oldest[2]) or now
+      wait = math.max(wait, at + window - now, 0.001)
+    end
+  end
+end
+if wait > 0 then return tostring(wait) end
+for i, key in ipairs(KEYS) do
+  local window = tonumber(ARGV[2 + (i - 1) * 4])
+  local member = ARGV[4 + (i - 1) * 4]
+  if member == '' then member = ARGV[5 + (i - 1) * 4] end
+  redis.call('ZADD', key, now, member)
+  redis.call('PEXPIRE', key, math.ceil(window * 1000) + 1000)
+end
+return '0'
+"""
+
+_VERIFY_RESULTS = {
+    "ok": VerifyResult.OK,
+    "wrong": VerifyResult.WRONG,
+    "burned": VerifyResult.BURNED,
+    "used": VerifyResult.USED,
+    "unknown": VerifyResult.UNKNOWN,
+}
+
+
+class RedisSharedStore:
+    def __init__(self, outbox: SqliteStore, client: aioredis.Redis, prefix: str,
+                 expired_grace: float, retention: float) -> None:
+        self.outbox = outbox
+        self.redis = client
+        self.prefix = prefix
+        self.expired_grace = expired_grace
+        self.retention = retention
+        self._create_otp = client.register_script(_CREATE_OTP)
+        self._settle = client.register_script(_SETTLE_VERIFY)
+        self._drop_otp = client.register_script(_DROP_ACTIVE_OTP)
+        self._rate = client.register_script(_RATE_HIT)
+
+    @classmethod
+    async def open(cls, path: Path, url: str, prefix: str, expired_grace: float,
+                   retention: float) -> RedisSharedStore:
+        outbox = await SqliteStore.open(path)
+        client = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        store = cls(outbox, client, prefix, expired_grace, retention)
+        try:
+            await store._call(client.ping())
+        except StoreError:
+            await outbox.close()
+            await client.aclose()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self.outbox.close()
+        await self.redis.aclose()
+
+    @staticmethod
+    async def _call(awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis: {exc}") from exc
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}{kind}:{name}"
+
+    async def check_writable(self) -> None:
+        await self.outbox.check_writable()
+        await self._call(self.redis.set(self._key("health", "probe"), "1", ex=60))
+
+    # -- outbox, with shared duplicate detection ---------------------------------
+    async def insert_message(
+        self, msg: NewMessage, otp: NewOtp | None = None
+    ) -> Inserted | Duplicate:
+        otp_key = self._key("otp", otp.reference) if otp else None
+        id_key = self._key("id", msg.dedupe_key) if msg.dedupe_key else None
+        if otp is not None and otp_key is not None:
+            expire_ms = int((otp.expires_at + self.expired_grace) * 1000)
+            created = await self._call(self._create_otp(
+                keys=[otp_key],
+                args=[otp.receiver, otp.salt, otp.digest, repr(otp.expires_at), expire_ms],
+            ))
+            if not created:
+                return Duplicate(kind="reference")
+        if id_key is not None:
+            first = json.dumps({"state": "pending", "code": None})
+            claimed = await self._call(
+                self.redis.set(id_key, first, nx=True, ex=int(self.retention)))
+            if not claimed:
+                if otp_key is not None:
+                    await self._call(self.redis.delete(otp_key))
+                raw = await self._call(self.redis.get(id_key))
+                info = json.loads(raw) if raw else {}
+                return Duplicate(kind="id", state=info.get("state"), code=info.get("code"))
+        try:
+            return await self.outbox.insert_message(msg, None)
+        except StoreError:
+            # Not stored here: release the claims so the client can retry.
+            keys = [k for k in (otp_key, id_key) if k is not None]
+            if keys:
+                await self._call(self.redis.delete(*keys))
+            raise
+
+    async def pending_messages(self) -> list[MessageRow]:
+        return await self.outbox.pending_messages()
+
+    async def message(self, message_id: int) -> MessageRow | None:
+        return await self.outbox.message(message_id)
+
+    async def mark_attempt(self, message_id: int, now: float) -> None:
+        await self.outbox.mark_attempt(message_id, now)
+
+    async def record_retry(
+        self, message_id: int, attempts: int, next_attempt_at: float, reason: str
+    ) -> None:
+        await self.outbox.record_retry(message_id, attempts, next_attempt_at, reason)
+
+    async def finish_message(
+        self, message_id: int, *, state: str, code: str, reason: str, via: str,
+        attempts: int, now: float,
+    ) -> Finished:
+        finished = await self.outbox.finish_message(
+            message_id, state=state, code=code, reason=reason, via=via, attempts=attempts,
+            now=now)
+        if state != "sent" and finished.otp_reference is not None:
+            await self._call(self._drop_otp(keys=[self._key("otp", finished.otp_reference)]))
+        if finished.dedupe_key is not None:
+            await self._call(self.redis.set(
+                self._key("id", finished.dedupe_key),
+                json.dumps({"state": state, "code": code}), xx=True, keepttl=True))
+        return finished
+
+    # -- OTPs ---------------------------------------------------------------------
+    async def verify_otp(
+        self, reference: str, now: float, matches: Callable[[OtpRecord], bool],
+        max_attempts: int,
+    ) -> VerifyResult:
+        key = self._key("otp", reference)
+        for _ in range(10):
+            raw: dict[bytes, bytes] = await self._call(self.redis.hgetall(key))
+            if not raw:
+                return VerifyResult.UNKNOWN
+            record = OtpRecord(
+                reference=reference,
+                receiver=raw[b"receiver"].decode(),
+                salt=raw[b"salt"],
+                digest=raw[b"digest"],
+                expires_at=float(raw[b"expires_at"]),
+                attempts=int(raw[b"attempts"]),
+                state=raw[b"state"].decode(),
+            )
+            if record.state == "used":
+                return VerifyResult.USED
+            if record.state == "burned":
+                return VerifyResult.BURNED
+            if now >= record.expires_at:
+                return VerifyResult.EXPIRED
+            matched = matches(record)
+            result = await self._call(self._settle(
+                keys=[key], args=[record.attempts, "1" if matched else "0", max_attempts]))
+            text = result.decode() if isinstance(result, bytes) else str(result)
+            if text != "retry":
+                return _VERIFY_RESULTS.get(text, VerifyResult.UNKNOWN)
+        raise StoreError("redis: OTP record changed too often during verification")
+
+    # -- block list ----------------------------------------------------------------
+    async def block(self, receiver: str, now: float) -> None:
+        await self._call(self.redis.sadd(self._key("blocklist", "set"), receiver))
+
+    async def unblock(self, receiver: str) -> bool:
+        removed = await self._call(self.redis.srem(self._key("blocklist", "set"), receiver))
+        return bool(removed)
+
+    async def is_blocked(self, receiver: str) -> bool:
+        found = await self._call(self.redis.sismember(self._key("blocklist", "set"), receiver))
+        return bool(found)
+
+    async def blocked(self) -> list[str]:
+        members = await self._call(self.redis.smembers(self._key("blocklist", "set")))
+        return sorted(m.decode() for m in members)
+
+    # -- rate limits ----------------------------------------------------------------
+    async def rate_hit(self, limits: Sequence[RateLimit], now: float) -> float:
+        if not limits:
+            return 0.0
+        args: list[Any] = [repr(now)]
+        for lim in limits:
+            args += [repr(lim.window), lim.limit, lim.member or "", secrets.token_hex(8)]
+        keys = [self._key("rate", lim.key) for lim in limits]
+        result = await self._call(self._rate(keys=keys, args=args))
+        return float(result.decode() if isinstance(result, bytes) else result)
+
+    # -- housekeeping ------------------------------------------------------------------
+    async def purge(self, otp_before: float, messages_before: float) -> tuple[int, int]:
+        # Redis keys expire by themselves; only the local outbox needs purging.
+        return await self.outbox.purge(otp_before, messages_before)
+
+    async def counts(self) -> dict[str, int]:
+        counts = await self.outbox.counts()
+        counts.pop("otp", None)
+        counts["blocked"] = int(await self._call(
+            self.redis.scard(self._key("blocklist", "set"))))
+        return counts
