@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from otpd.confread import ConfigError, Section
+from otpd.limits import LimitSettings, parse_limit_settings
 from otpd.sms.settings import SmsSettings, parse_sms_settings
 from otpd.transports.settings import BrokerSettings, parse_broker_settings
 
@@ -88,6 +89,7 @@ class Settings:
     sms: SmsSettings
     log: LogSettings
     brokers: BrokerSettings = field(default_factory=BrokerSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -118,6 +120,7 @@ def parse_settings(text: str, path: Path | None = None) -> Settings:
         smtp=tuple(_smtp(s) for s in root.sections("smtp")),
         sms=parse_sms_settings(root.sections("modem"), root.section("sms"), otp.country_code),
         log=_log(root.section("log") or Section({}, "log", errors)),
+        limits=parse_limit_settings(root.section("limits"), otp.country_code),
         brokers=parse_broker_settings(root.section("amqp"), root.section("redis"),
                                       root.section("mqtt"), root.section("ws")),
         source=path,

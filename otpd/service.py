@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -20,6 +21,7 @@ from otpd.channel import Channel, Job
 from otpd.codes import Code
 from otpd.config import Settings
 from otpd.delivery import DeliveryEngine, Result
+from otpd.limits import Limiter
 from otpd.msisdn import InvalidReceiver, canonical_receiver, is_email, mask
 from otpd.protocol import (
     BlockMsisdn,
@@ -81,6 +83,7 @@ class Service:
         self.key = server_key
         self.sealer = sealer
         self.clock = clock
+        self.limiter = Limiter(settings.limits, store)
 
     async def execute(
         self,
@@ -89,13 +92,20 @@ class Service:
         wait: float | None = None,
         on_stored: OnStored | None = None,
         transport: str = "",
+        ip: str | None = None,
     ) -> Response:
         """Run one command. ``on_stored`` is awaited once the command is durable
-        (brokers acknowledge there); ``wait`` bounds the wait for a send result."""
+        (brokers acknowledge there); ``wait`` bounds the wait for a send result.
+        ``transport`` names the client for limits (``rest:<user>``, ``amqp``...)."""
         cmd = env.command
         wait = self.settings.delivery.wait if wait is None else wait
+        client = transport or "-"
         try:
-            response = await self._dispatch(env.name, cmd, wait, on_stored)
+            retry_after = await self.limiter.command(client, ip, self.clock())
+            if retry_after > 0:
+                response = _limited(env.name, cmd, retry_after, "too many requests")
+            else:
+                response = await self._dispatch(env.name, cmd, wait, on_stored, client)
         except ProtocolError as exc:
             response = Response(env.name, exc.code, _echo(cmd, None), exc.message)
         except StoreError as exc:
@@ -109,13 +119,13 @@ class Service:
         return response
 
     async def _dispatch(
-        self, name: str, cmd: Command, wait: float, on_stored: OnStored | None
+        self, name: str, cmd: Command, wait: float, on_stored: OnStored | None, client: str
     ) -> Response:
         match cmd:
             case RequestOtp():
-                return await self._request_otp(name, cmd, wait, on_stored)
+                return await self._request_otp(name, cmd, wait, on_stored, client)
             case SendSms() | SendEmail() | SendMessage():
-                return await self._send(name, cmd, wait, on_stored)
+                return await self._send(name, cmd, wait, on_stored, client)
             case VerifyOtp():
                 return await self._verify(name, cmd)
             case BlockMsisdn():
@@ -170,17 +180,28 @@ class Service:
         return float(min(expiration, now + maximum))
 
     async def _prepare(
-        self, name: str, cmd: RequestOtp | SendSms | SendEmail | SendMessage
+        self, name: str, cmd: RequestOtp | SendSms | SendEmail | SendMessage, client: str
     ) -> tuple[str, str, float] | Response:
         """Receiver, channel and expiry; or the response refusing the command."""
         receiver = self._receiver(cmd.receiver)
         channel = self._channel_for(cmd, receiver)
         if await self.store.is_blocked(receiver):
             return Response(name, Code.BLOCKED, _echo(cmd, None), "receiver is blocked")
+        if not self.limiter.receiver_allowed(receiver):
+            return Response(name, Code.BLOCKED, _echo(cmd, None),
+                            "receiver is outside the allowed number ranges")
         refused = self._unavailable(name, cmd, channel)
         if refused is not None:
             return refused
         now = self.clock()
+        retry_after = await self.limiter.send(client, receiver, now)
+        if retry_after > 0:
+            # A repeat of an accepted message is a duplicate, not abuse: say so.
+            duplicate = await self.store.duplicate_of(
+                _dedupe_key(cmd, receiver), cmd.reference if isinstance(cmd, RequestOtp) else None)
+            if duplicate is not None:
+                return _duplicate_response(name, cmd, duplicate)
+            return _limited(name, cmd, retry_after, "too many messages to this receiver")
         if isinstance(cmd, RequestOtp):
             lifetimes = (self.settings.otp.default_lifetime, self.settings.otp.max_lifetime)
         else:
@@ -192,9 +213,9 @@ class Service:
         return receiver, channel, expires_at
 
     async def _request_otp(
-        self, name: str, cmd: RequestOtp, wait: float, on_stored: OnStored | None
+        self, name: str, cmd: RequestOtp, wait: float, on_stored: OnStored | None, client: str
     ) -> Response:
-        prepared = await self._prepare(name, cmd)
+        prepared = await self._prepare(name, cmd, client)
         if isinstance(prepared, Response):
             return prepared
         receiver, channel, expires_at = prepared
@@ -213,14 +234,14 @@ class Service:
         otp_row = NewOtp(cmd.reference, receiver, salt, digest, now, expires_at)
         inserted = await self.store.insert_message(msg, otp_row)
         if isinstance(inserted, Duplicate):
-            return Response(name, Code.DUPLICATED, _echo(cmd, None), "reference already used")
+            return _duplicate_response(name, cmd, inserted)
         return await self._deliver(name, cmd, inserted.id, msg, text, wait, on_stored)
 
     async def _send(
         self, name: str, cmd: SendSms | SendEmail | SendMessage, wait: float,
-        on_stored: OnStored | None,
+        on_stored: OnStored | None, client: str,
     ) -> Response:
-        prepared = await self._prepare(name, cmd)
+        prepared = await self._prepare(name, cmd, client)
         if isinstance(prepared, Response):
             return prepared
         receiver, channel, expires_at = prepared
@@ -231,17 +252,11 @@ class Service:
             command=name, channel=channel, receiver=receiver, subject=subject,
             sealed=self.sealer.seal(cmd.message, receiver), created_at=self.clock(),
             expires_at=expires_at,
-            # Same id for the same receiver = the same message (e.g. published to
-            # two brokers): send it once.
-            dedupe_key=f"{cmd.id}|{receiver}" if cmd.id else None,
+            dedupe_key=_dedupe_key(cmd, receiver),
         )
         inserted = await self.store.insert_message(msg)
         if isinstance(inserted, Duplicate):
-            data = _echo(cmd, None)
-            if inserted.state is not None:
-                data["status"] = inserted.state
-                data["first_response_code"] = inserted.code or Code.PENDING.value
-            return Response(name, Code.DUPLICATED, data, "message id already accepted")
+            return _duplicate_response(name, cmd, inserted)
         return await self._deliver(name, cmd, inserted.id, msg, cmd.message, wait, on_stored)
 
     async def _deliver(
@@ -271,13 +286,19 @@ class Service:
     # -- verification ------------------------------------------------------------
     async def _verify(self, name: str, cmd: VerifyOtp) -> Response:
         receiver = self._receiver(cmd.receiver)
+        now = self.clock()
+        retry_after = await self.limiter.verify_blocked(receiver, now)
+        if retry_after > 0:
+            return _limited(name, cmd, retry_after, "too many wrong codes for this receiver")
 
         def matches(record: OtpRecord) -> bool:
             return otpmod.otp_matches(self.key, record.salt, record.digest, cmd.reference,
                                       cmd.otp, receiver, cmd.params)
 
-        outcome = await self.store.verify_otp(cmd.reference, self.clock(), matches,
+        outcome = await self.store.verify_otp(cmd.reference, now, matches,
                                               self.settings.otp.max_attempts)
+        if outcome in (VerifyResult.WRONG, VerifyResult.BURNED, VerifyResult.UNKNOWN):
+            await self.limiter.verify_failed(receiver, now)
         code, message = _VERIFY_CODES[outcome]
         return Response(name, code, _echo(cmd, None), message)
 
@@ -305,6 +326,30 @@ def _echo(cmd: Command, extra: dict[str, Any] | None) -> dict[str, Any]:
     if extra:
         data.update(extra)
     return data
+
+
+def _dedupe_key(cmd: Command, receiver: str) -> str | None:
+    # Same id for the same receiver = the same message (e.g. published to two
+    # brokers): send it once. request-otp is deduplicated by its reference.
+    if isinstance(cmd, SendSms | SendEmail | SendMessage) and cmd.id:
+        return f"{cmd.id}|{receiver}"
+    return None
+
+
+def _duplicate_response(name: str, cmd: Command, dup: Duplicate) -> Response:
+    data = _echo(cmd, None)
+    if dup.kind == "reference":
+        return Response(name, Code.DUPLICATED, data, "reference already used")
+    if dup.state is not None:
+        data["status"] = dup.state
+        data["first_response_code"] = dup.code or Code.PENDING.value
+    return Response(name, Code.DUPLICATED, data, "message id already accepted")
+
+
+def _limited(name: str, cmd: Command, retry_after: float, why: str) -> Response:
+    seconds = max(1, math.ceil(retry_after))
+    return Response(name, Code.RATE_LIMITED, _echo(cmd, {"retry_after": seconds}),
+                    f"rate limited: {why}; retry after {seconds} s")
 
 
 def _result_response(name: str, data: dict[str, Any], result: Result) -> Response:

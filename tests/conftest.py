@@ -76,7 +76,8 @@ def smtp() -> Iterator[SmtpServer]:
 
 
 def write_config(tmp_path: Path, extra: str = "", *, smtp_port: int | None = None,
-                 wait: float = 5, rest_port: int | None = None, otp_lines: str = "") -> Path:
+                 wait: float = 5, rest_port: int | None = None, otp_lines: str = "",
+                 limits: str = "enabled = false") -> Path:
     users = tmp_path / "users"
     if not users.exists():
         set_user(users, API_USER, API_PASSWORD, cost=4)
@@ -108,6 +109,9 @@ def write_config(tmp_path: Path, extra: str = "", *, smtp_port: int | None = Non
         wait = {wait}
         retry_base = 0.2
         retry_max = 0.5
+
+        [limits]
+        {limits}
     """) + smtp_block + textwrap.dedent(extra)
     path = tmp_path / "otpd.toml"
     path.write_text(text)

@@ -148,6 +148,12 @@ async def test_rate_limits_sliding_all_or_nothing(store: Store) -> None:
     distinct = [RateLimit("d:app", window=100.0, limit=2, member=m) for m in "aab"]
     assert [await store.rate_hit([d], 200.0) for d in distinct] == [0, 0, 0]
     assert await store.rate_hit([RateLimit("d:app", 100.0, 2, member="c")], 200.0) > 0
+    # Checking without recording.
+    peek = RateLimit("p:x", window=10.0, limit=1)
+    assert await store.rate_hit([peek], 300.0, record=False) == 0
+    assert await store.rate_hit([peek], 300.0, record=False) == 0
+    assert await store.rate_hit([peek], 300.0) == 0
+    assert await store.rate_hit([peek], 300.0, record=False) > 0
 
 
 async def test_two_nodes_share_otps_and_ids(tmp_path: Path, smtp: SmtpServer,

@@ -56,6 +56,11 @@ class Store(Protocol):
         now: float,
     ) -> Finished: ...
 
+    async def duplicate_of(self, dedupe_key: str | None, reference: str | None
+                           ) -> Duplicate | None:
+        """Would a message with this id (or an OTP with this reference) be a duplicate?"""
+        ...
+
     # shared state
     async def verify_otp(
         self,
@@ -73,9 +78,12 @@ class Store(Protocol):
 
     async def blocked(self) -> list[str]: ...
 
-    async def rate_hit(self, limits: Sequence[RateLimit], now: float) -> float:
+    async def rate_hit(
+        self, limits: Sequence[RateLimit], now: float, *, record: bool = True
+    ) -> float:
         """All-or-nothing: record a hit under every limit and return 0.0, or
-        record nothing and return the seconds until all would allow it."""
+        record nothing and return the seconds until all would allow it.
+        ``record=False`` only checks."""
         ...
 
     async def purge(self, otp_before: float, messages_before: float) -> tuple[int, int]: ...

@@ -72,14 +72,15 @@ if redis.call('HGET', KEYS[1], 'state') == 'active' then return redis.call('DEL'
 return 0
 """
 
-# KEYS: rate keys; ARGV: now, then per key: window, limit, member ('' = count events), new id
+# KEYS: rate keys; ARGV: now, record (1/0), then per key: window, limit,
+# member ('' = count events), new id
 _RATE_HIT = """
 local now = tonumber(ARGV[1])
 local wait = 0
 for i, key in ipairs(KEYS) do
-  local window = tonumber(ARGV[2 + (i - 1) * 4])
-  local limit = tonumber(ARGV[3 + (i - 1) * 4])
-  local member = ARGV[4 + (i - 1) * 4]
+  local window = tonumber(ARGV[3 + (i - 1) * 4])
+  local limit = tonumber(ARGV[4 + (i - 1) * 4])
+  local member = ARGV[5 + (i - 1) * 4]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local counted = member ~= '' and redis.call('ZSCORE', key, member)
   if not counted then
@@ -91,11 +92,11 @@ for i, key in ipairs(KEYS) do
     end
   end
 end
-if wait > 0 then return tostring(wait) end
+if wait > 0 or ARGV[2] ~= '1' then return tostring(wait) end
 for i, key in ipairs(KEYS) do
-  local window = tonumber(ARGV[2 + (i - 1) * 4])
-  local member = ARGV[4 + (i - 1) * 4]
-  if member == '' then member = ARGV[5 + (i - 1) * 4] end
+  local window = tonumber(ARGV[3 + (i - 1) * 4])
+  local member = ARGV[5 + (i - 1) * 4]
+  if member == '' then member = ARGV[6 + (i - 1) * 4] end
   redis.call('ZADD', key, now, member)
   redis.call('PEXPIRE', key, math.ceil(window * 1000) + 1000)
 end
@@ -189,6 +190,18 @@ class RedisSharedStore:
                 await self._call(self.redis.delete(*keys))
             raise
 
+    async def duplicate_of(self, dedupe_key: str | None, reference: str | None
+                           ) -> Duplicate | None:
+        if reference is not None and await self._call(
+                self.redis.exists(self._key("otp", reference))):
+            return Duplicate(kind="reference")
+        if dedupe_key is not None:
+            raw = await self._call(self.redis.get(self._key("id", dedupe_key)))
+            if raw:
+                info = json.loads(raw)
+                return Duplicate(kind="id", state=info.get("state"), code=info.get("code"))
+        return None
+
     async def pending_messages(self) -> list[MessageRow]:
         return await self.outbox.pending_messages()
 
@@ -268,10 +281,12 @@ class RedisSharedStore:
         return sorted(m.decode() for m in members)
 
     # -- rate limits ----------------------------------------------------------------
-    async def rate_hit(self, limits: Sequence[RateLimit], now: float) -> float:
+    async def rate_hit(
+        self, limits: Sequence[RateLimit], now: float, *, record: bool = True
+    ) -> float:
         if not limits:
             return 0.0
-        args: list[Any] = [repr(now)]
+        args: list[Any] = [repr(now), "1" if record else "0"]
         for lim in limits:
             args += [repr(lim.window), lim.limit, lim.member or "", secrets.token_hex(8)]
         keys = [self._key("rate", lim.key) for lim in limits]

@@ -124,6 +124,22 @@ class SqliteStore:
 
         return await self._tx(run)
 
+    async def duplicate_of(self, dedupe_key: str | None, reference: str | None
+                           ) -> Duplicate | None:
+        def run(c: sqlite3.Connection) -> Duplicate | None:
+            if reference is not None and c.execute(
+                "SELECT 1 FROM otp WHERE reference = ?", (reference,)
+            ).fetchone():
+                return Duplicate(kind="reference")
+            if dedupe_key is not None:
+                row = c.execute(_SELECT_BY_DEDUPE, (dedupe_key,)).fetchone()
+                if row is not None:
+                    first = _message(row)
+                    return Duplicate(kind="id", state=first.state, code=first.code)
+            return None
+
+        return await self._tx(run)
+
     async def pending_messages(self) -> list[MessageRow]:
         def run(c: sqlite3.Connection) -> list[MessageRow]:
             rows = c.execute(_SELECT_PENDING).fetchall()
@@ -249,7 +265,9 @@ class SqliteStore:
 
         return await self._tx(run)
 
-    async def rate_hit(self, limits: Sequence[RateLimit], now: float) -> float:
+    async def rate_hit(
+        self, limits: Sequence[RateLimit], now: float, *, record: bool = True
+    ) -> float:
         def run(c: sqlite3.Connection) -> float:
             wait = 0.0
             for lim in limits:
@@ -269,7 +287,7 @@ class SqliteStore:
                     # Allowed again when enough of the oldest hits leave the window.
                     oldest = rows[len(rows) - lim.limit][0] if lim.limit > 0 else now
                     wait = max(wait, oldest + lim.window - now, 0.001)
-            if wait > 0:
+            if wait > 0 or not record:
                 return wait
             for lim in limits:
                 member = lim.member if lim.member is not None else secrets.token_hex(8)

@@ -8,11 +8,14 @@ what happens, not the path.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
+import math
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -74,6 +77,7 @@ class RestApi:
         self.users = users
         self.wait = wait
         self._runner: web.AppRunner | None = None
+        self._auth_failures: dict[str, int] = {}
         self.port: int | None = None
 
     def app(self) -> web.Application:
@@ -141,20 +145,45 @@ class RestApi:
         user, password = creds
         return user if await self.users.verify_async(user, password) else None
 
+    async def _auth_failed(self, ip: str) -> None:
+        """Each failure from an address costs it more time (credential stuffing)."""
+        failures = self._auth_failures.get(ip, 0) + 1
+        self._auth_failures[ip] = failures
+        if len(self._auth_failures) > 10_000:  # bounded memory under a spray of addresses
+            self._auth_failures.clear()
+        await self.service.limiter.auth_failed(ip, time.time())
+        await asyncio.sleep(min(0.05 * 2 ** min(failures, 10), 3.0))
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.method not in ("POST", "PUT"):
             return _error(Code.INVALID_REQUEST, "use POST or PUT", 405,
                           headers={"Allow": "POST, PUT"})
+        ip = request.remote or "-"
+        retry_after = await self.service.limiter.auth_blocked(ip, time.time())
+        if retry_after > 0:
+            seconds = str(max(1, math.ceil(retry_after)))
+            return _error(Code.RATE_LIMITED, "too many failed logins from this address", 429,
+                          headers={"Retry-After": seconds})
         user = await self._authenticate(request)
         if user is None:
+            await self._auth_failed(ip)
             return _error(Code.UNAUTHORIZED, "unauthorized", 401,
                           headers={"WWW-Authenticate": _REALM})
+        self._auth_failures.pop(ip, None)
         body = await request.read()
         try:
             env = parse_request(body)
         except ProtocolError as exc:
             status = 400 if exc.code == Code.INVALID_REQUEST and not exc.command else 200
             return json_response(error_response(exc).to_json(), status)
-        response = await self.service.execute(env, wait=self.wait, transport=f"rest:{user}")
-        status = 503 if response.transient else 200
-        return json_response(response.to_json(), status)
+        response = await self.service.execute(env, wait=self.wait, transport=f"rest:{user}",
+                                              ip=ip)
+        headers = None
+        if response.transient:
+            status = 503
+        elif response.code == Code.RATE_LIMITED:
+            status = 429
+            headers = {"Retry-After": str(response.data.get("retry_after", 1))}
+        else:
+            status = 200
+        return json_response(response.to_json(), status, headers)

@@ -1,0 +1,138 @@
+"""Abuse limits: SMS pumping, OTP guessing and credential stuffing.
+
+Every limit is a sliding window kept in the store (so it holds across restarts
+and, with the Redis backend, across nodes). A command over a limit gets 1401
+with ``retry_after``; a receiver outside the allowed prefixes gets 1400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from otpd.confread import Section
+from otpd.msisdn import InvalidReceiver, canonical_prefix, is_email
+from otpd.store import RateLimit, Store
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    enabled: bool = True
+    receiver_max: int = 3  # sends to one receiver per receiver_window
+    receiver_window: float = 600.0
+    receiver_cooldown: float = 30.0  # s between two sends to the same receiver
+    receiver_daily_max: int = 10
+    user_max: int = 600  # commands per API user (or broker) per user_window
+    user_window: float = 60.0
+    user_distinct_receivers_daily: int = 500  # SMS pumping: many numbers from one user
+    ip_max: int = 300  # REST requests per client IP per ip_window
+    ip_window: float = 60.0
+    verify_failures_max: int = 10  # wrong codes per receiver per verify_window
+    verify_window: float = 3600.0
+    auth_failures_max: int = 10  # failed logins per client IP per auth_window, then 429
+    auth_window: float = 900.0
+    allow_prefixes: tuple[str, ...] = ()  # E.164 prefixes; empty = every number
+    deny_prefixes: tuple[str, ...] = ()
+
+
+def parse_limit_settings(s: Section | None, country_code: str) -> LimitSettings:
+    if s is None:
+        return LimitSettings()
+    d = LimitSettings()
+
+    def prefixes(key: str) -> tuple[str, ...]:
+        out = []
+        for raw in s.str_list(key):
+            try:
+                out.append(canonical_prefix(raw, country_code))
+            except InvalidReceiver as exc:
+                s.error(key, str(exc))
+        return tuple(out)
+
+    out = LimitSettings(
+        enabled=s.bool("enabled", d.enabled),
+        receiver_max=s.int("receiver_max", d.receiver_max, min=1),
+        receiver_window=s.float("receiver_window", d.receiver_window, min=1.0, max=31 * DAY),
+        receiver_cooldown=s.float("receiver_cooldown", d.receiver_cooldown, min=0.0,
+                                  max=DAY),
+        receiver_daily_max=s.int("receiver_daily_max", d.receiver_daily_max, min=1),
+        user_max=s.int("user_max", d.user_max, min=1),
+        user_window=s.float("user_window", d.user_window, min=1.0, max=31 * DAY),
+        user_distinct_receivers_daily=s.int("user_distinct_receivers_daily",
+                                            d.user_distinct_receivers_daily, min=1),
+        ip_max=s.int("ip_max", d.ip_max, min=1),
+        ip_window=s.float("ip_window", d.ip_window, min=1.0, max=31 * DAY),
+        verify_failures_max=s.int("verify_failures_max", d.verify_failures_max, min=1),
+        verify_window=s.float("verify_window", d.verify_window, min=1.0, max=31 * DAY),
+        auth_failures_max=s.int("auth_failures_max", d.auth_failures_max, min=1),
+        auth_window=s.float("auth_window", d.auth_window, min=1.0, max=DAY),
+        allow_prefixes=prefixes("allow_prefixes"),
+        deny_prefixes=prefixes("deny_prefixes"),
+    )
+    s.finish()
+    return out
+
+
+class Limiter:
+    def __init__(self, settings: LimitSettings, store: Store) -> None:
+        self.s = settings
+        self.store = store
+
+    def receiver_allowed(self, receiver: str) -> bool:
+        """Prefix allow/deny lists (phone numbers only)."""
+        if is_email(receiver):
+            return True
+        if any(receiver.startswith(p) for p in self.s.deny_prefixes):
+            return False
+        return not self.s.allow_prefixes or any(
+            receiver.startswith(p) for p in self.s.allow_prefixes
+        )
+
+    async def command(self, user: str, ip: str | None, now: float) -> float:
+        """Every command: per user and per client IP. Returns seconds to wait (0 = ok)."""
+        if not self.s.enabled:
+            return 0.0
+        limits = [RateLimit(f"user:{user}", self.s.user_window, self.s.user_max)]
+        if ip:
+            limits.append(RateLimit(f"ip:{ip}", self.s.ip_window, self.s.ip_max))
+        return await self.store.rate_hit(limits, now)
+
+    async def send(self, user: str, receiver: str, now: float) -> float:
+        """A message to ``receiver``: per receiver and distinct receivers per user."""
+        if not self.s.enabled:
+            return 0.0
+        s = self.s
+        limits = [
+            RateLimit(f"rcpt:{receiver}", s.receiver_window, s.receiver_max),
+            RateLimit(f"rcpt-day:{receiver}", DAY, s.receiver_daily_max),
+            RateLimit(f"distinct:{user}", DAY, s.user_distinct_receivers_daily,
+                      member=receiver),
+        ]
+        if s.receiver_cooldown > 0:
+            limits.append(RateLimit(f"cool:{receiver}", s.receiver_cooldown, 1))
+        return await self.store.rate_hit(limits, now)
+
+    async def verify_blocked(self, receiver: str, now: float) -> float:
+        """Too many wrong codes for this receiver lately (whatever the reference)?"""
+        if not self.s.enabled:
+            return 0.0
+        lim = RateLimit(f"vfail:{receiver}", self.s.verify_window, self.s.verify_failures_max)
+        return await self.store.rate_hit([lim], now, record=False)
+
+    async def verify_failed(self, receiver: str, now: float) -> None:
+        if self.s.enabled:
+            lim = RateLimit(f"vfail:{receiver}", self.s.verify_window,
+                            self.s.verify_failures_max + 1)
+            await self.store.rate_hit([lim], now)
+
+    async def auth_blocked(self, ip: str, now: float) -> float:
+        if not self.s.enabled:
+            return 0.0
+        lim = RateLimit(f"authfail:{ip}", self.s.auth_window, self.s.auth_failures_max)
+        return await self.store.rate_hit([lim], now, record=False)
+
+    async def auth_failed(self, ip: str, now: float) -> None:
+        if self.s.enabled:
+            lim = RateLimit(f"authfail:{ip}", self.s.auth_window, self.s.auth_failures_max + 1)
+            await self.store.rate_hit([lim], now)

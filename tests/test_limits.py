@@ -1,0 +1,153 @@
+"""Abuse limits over real HTTP: 1401 + HTTP 429 with Retry-After, 1400 for
+numbers outside the allowed ranges, and limits that survive a restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import SmtpServer, start_daemon, write_config
+
+
+def email(i: int) -> str:
+    return f"user{i}@example.org"
+
+
+async def test_receiver_cooldown_and_window_survive_restart(
+        tmp_path: Path, smtp: SmtpServer, session: aiohttp.ClientSession) -> None:
+    config = write_config(tmp_path, smtp_port=smtp.port, limits="""
+        receiver_cooldown = 30
+        receiver_max = 3
+    """)
+    run = await start_daemon(config, session)
+    try:
+        status, body = await run.client.call("request-otp", {
+            "receiver": email(1), "reference": "a", "message": "%s"})
+        assert status == 200 and body["response_code"] == "0000"
+        status, body = await run.client.call("request-otp", {
+            "receiver": email(1), "reference": "b", "message": "%s"})
+        assert status == 429 and body["response_code"] == "1401"
+        assert 25 <= body["data"]["retry_after"] <= 30
+        # A repeat of the accepted reference is still reported as a duplicate.
+        _, body = await run.client.call("request-otp", {
+            "receiver": email(1), "reference": "a", "message": "%s"})
+        assert body["response_code"] == "1201"
+        # Other receivers are not affected.
+        _, body = await run.client.call("send-email", {
+            "receiver": email(2), "subject": "s", "message": "m"})
+        assert body["response_code"] == "0000"
+    finally:
+        await run.daemon.stop()
+    run = await start_daemon(config, session)
+    try:
+        status, body = await run.client.call("request-otp", {
+            "receiver": email(1), "reference": "c", "message": "%s"})
+        assert status == 429 and body["response_code"] == "1401"  # held across the restart
+    finally:
+        await run.daemon.stop()
+    assert len(smtp.sink.messages) == 2
+
+
+async def test_receiver_window(tmp_path: Path, smtp: SmtpServer,
+                               session: aiohttp.ClientSession) -> None:
+    config = write_config(tmp_path, smtp_port=smtp.port, limits="""
+        receiver_cooldown = 0
+        receiver_max = 2
+    """)
+    run = await start_daemon(config, session)
+    try:
+        codes = []
+        for i in range(3):
+            _, body = await run.client.call("send-email", {
+                "receiver": email(3), "subject": "s", "message": f"m{i}"})
+            codes.append(body["response_code"])
+        assert codes == ["0000", "0000", "1401"]
+    finally:
+        await run.daemon.stop()
+
+
+async def test_prefix_allow_and_deny_lists(tmp_path: Path,
+                                           session: aiohttp.ClientSession) -> None:
+    config = write_config(tmp_path, limits="""
+        allow_prefixes = ["+62"]
+        deny_prefixes = ["0809"]
+    """)
+    run = await start_daemon(config, session)
+    try:
+        _, body = await run.client.call("send-sms", {"receiver": "+14155550100", "message": "m"})
+        assert body["response_code"] == "1400"
+        _, body = await run.client.call("request-otp", {
+            "receiver": "08091234567", "reference": "x", "message": "%s"})
+        assert body["response_code"] == "1400"  # premium range, local form in the config
+        _, body = await run.client.call("send-sms", {"receiver": "08121234567", "message": "m"})
+        assert body["response_code"] == "1000"  # allowed; this daemon just has no modem
+    finally:
+        await run.daemon.stop()
+
+
+async def test_verify_failures_per_receiver(tmp_path: Path, smtp: SmtpServer,
+                                            session: aiohttp.ClientSession) -> None:
+    config = write_config(tmp_path, smtp_port=smtp.port, limits="""
+        receiver_cooldown = 0
+        verify_failures_max = 3
+    """)
+    run = await start_daemon(config, session)
+    try:
+        codes = []
+        # Guessing across many references does not escape the per-receiver limit.
+        for i in range(5):
+            _, body = await run.client.call("verify-otp", {
+                "receiver": email(4), "reference": f"guess-{i}", "otp": "000000"})
+            codes.append(body["response_code"])
+        assert codes == ["1202", "1202", "1202", "1401", "1401"]
+        _, body = await run.client.call("verify-otp", {
+            "receiver": email(5), "reference": "other", "otp": "000000"})
+        assert body["response_code"] == "1202"
+    finally:
+        await run.daemon.stop()
+
+
+async def test_failed_logins_are_throttled_per_address(tmp_path: Path,
+                                                       session: aiohttp.ClientSession) -> None:
+    config = write_config(tmp_path, limits="""
+        auth_failures_max = 3
+        auth_window = 60
+    """)
+    run = await start_daemon(config, session)
+    try:
+        statuses = []
+        for _ in range(4):
+            status, body = await run.client.call("echo", {}, password="guess")
+            statuses.append((status, body["response_code"]))
+        assert statuses == [(401, "1100")] * 3 + [(429, "1401")]
+        # Even the right password is refused from this address for now.
+        status, body = await run.client.call("echo", {})
+        assert status == 429 and body["response_code"] == "1401"
+    finally:
+        await run.daemon.stop()
+
+
+async def test_per_user_and_distinct_receivers(tmp_path: Path, smtp: SmtpServer,
+                                               session: aiohttp.ClientSession) -> None:
+    config = write_config(tmp_path, smtp_port=smtp.port, limits="""
+        receiver_cooldown = 0
+        user_distinct_receivers_daily = 3
+        user_max = 8
+        user_window = 60
+    """)
+    run = await start_daemon(config, session)
+    try:
+        codes = []
+        for i in range(4):  # SMS pumping: one user, ever new receivers
+            _, body = await run.client.call("send-email", {
+                "receiver": email(10 + i), "subject": "s", "message": "m"})
+            codes.append(body["response_code"])
+        assert codes == ["0000", "0000", "0000", "1401"]
+        for _ in range(4):
+            status, body = await run.client.call("echo", {})
+        assert status == 200
+        status, body = await run.client.call("echo", {})
+        assert status == 429 and body["response_code"] == "1401"  # 9th command this minute
+    finally:
+        await run.daemon.stop()
