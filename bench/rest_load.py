@@ -164,6 +164,8 @@ default_lifetime = 3600
 wait = 0
 [log]
 level = "warning"
+[control]
+socket = "{state / 'control.sock'}"
 # A modem whose port never appears: request-otp is measured as "queued", the
 # ingest path alone (real modems take seconds per SMS, so sending costs no CPU).
 [[modem]]

@@ -7,15 +7,19 @@ import contextlib
 import logging
 import signal
 import sqlite3
+import ssl
 import time
 from typing import Any
 
 from otpd.channel import Channel, WorkSource
-from otpd.config import Settings, StoreSettings
+from otpd.config import Settings, StoreSettings, load_settings
+from otpd.confread import ConfigError
+from otpd.control import ControlServer
 from otpd.delivery import DeliveryEngine
 from otpd.errors import StartupError
 from otpd.htpasswd import HtpasswdError, HtpasswdFile
 from otpd.mail import SmtpChannel
+from otpd.metrics import Metrics
 from otpd.otp import KeyFileError, load_or_create_key
 from otpd.sealing import Sealer
 from otpd.service import Service
@@ -76,6 +80,8 @@ class Daemon:
         self.users: HtpasswdFile | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.consumers: list[Consumer] = []
+        self.metrics: Metrics | None = None
+        self.control: ControlServer | None = None
         self.started = asyncio.Event()
 
     async def start(self) -> None:
@@ -92,13 +98,22 @@ class Daemon:
                                  s.delivery.retry_max),
         }
         sealer = Sealer(key)
-        self.engine = DeliveryEngine(self.store, channels, sealer)
+        if s.metrics.enabled:
+            self.metrics = Metrics()
+            self.metrics.watch(self.status)
+        self.engine = DeliveryEngine(self.store, channels, sealer, metrics=self.metrics)
         await self.engine.start()
-        self.service = Service(s, self.store, self.engine, channels, key, sealer)
+        self.service = Service(s, self.store, self.engine, channels, key, sealer,
+                               metrics=self.metrics)
         if s.server.enabled:
             self.users = self._load_users()
-            self.rest = RestApi(s.server, self.service, self.users, s.delivery.wait)
+            self.rest = RestApi(s.server, self.service, self.users, s.delivery.wait,
+                                metrics=self.metrics, health=self,
+                                metrics_auth=s.metrics.require_auth)
             await self.rest.start()
+        self.control = ControlServer(s.control.socket, self.store, self.status,
+                                     s.otp.country_code, time.time)
+        await self.control.start()
         # Consumers connect in the background: a broker that is down must not
         # keep the daemon (and its REST API) from starting.
         self.consumers = build_consumers(s.brokers, self.service, s.delivery.wait)
@@ -130,6 +145,8 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.control is not None:
+            await self.control.stop()
         if self.rest is not None:
             await self.rest.stop()
         if self.engine is not None:
@@ -152,12 +169,54 @@ class Daemon:
                 log.info("purged %d expired OTP(s) and %d old message(s)", otps, msgs)
 
     def status(self) -> dict[str, Any]:
-        assert self.engine is not None
+        if self.engine is None:
+            return {}
         return {
             "pending": self.engine.pending_count(),
+            "pending_by_channel": {n: len(q.jobs) for n, q in self.engine.queues.items()},
+            "oldest_pending_age": self.engine.oldest_pending_age(),
+            "uncertain_resends": self.engine.uncertain_resends,
             "channels": {name: q.channel.status() for name, q in self.engine.queues.items()},
             "brokers": [c.status() for c in self.consumers],
         }
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """/readyz: the store takes writes and at least one channel can send."""
+        assert self.store is not None and self.engine is not None
+        try:
+            await asyncio.wait_for(self.store.check_writable(), 2.0)
+            store_ok = True
+        except (StoreError, TimeoutError):
+            store_ok = False
+        usable = {n: q.channel.usable() for n, q in self.engine.queues.items()
+                  if q.channel.configured()}
+        ok = store_ok and any(usable.values())
+        return ok, {"store_writable": store_ok, "channels_usable": usable}
+
+    def reload(self) -> None:
+        """SIGHUP: users file, TLS certificate and log level, without dropping work."""
+        if self.users is not None:
+            try:
+                self.users.reload()
+            except HtpasswdError as exc:
+                log.error("reload: keeping the previous users: %s", exc)
+        elif self.rest is not None:
+            self.users = self._load_users()
+            self.rest.users = self.users
+        if self.rest is not None:
+            try:
+                self.rest.reload_tls()
+            except (OSError, ssl.SSLError) as exc:
+                log.error("reload: keeping the previous TLS certificate: %s", exc)
+        source = self.settings.source
+        if source is not None:
+            try:
+                level = load_settings(source).log.level
+            except ConfigError as exc:
+                log.error("reload: %s is not valid, log level unchanged: %s", source, exc)
+            else:
+                logging.getLogger().setLevel(level.upper())
+        log.info("reloaded users, TLS certificate and log level")
 
 
 async def run_until_signalled(daemon: Daemon) -> None:
@@ -165,6 +224,7 @@ async def run_until_signalled(daemon: Daemon) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     try:
         try:
             await daemon.start()
@@ -175,7 +235,7 @@ async def run_until_signalled(daemon: Daemon) -> None:
         await stop.wait()
         log.info("stopping")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
         await daemon.stop()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import os
 import stat
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from otpd import __version__
 from otpd.config import DEFAULT_CONFIG, Settings, load_settings
@@ -132,6 +135,102 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
 
 
+def _control_path(args: argparse.Namespace) -> Path:
+    if args.socket is not None:
+        return Path(args.socket)
+    try:
+        return load_settings(args.config).control.socket
+    except ConfigError:
+        from otpd.config import ControlSettings
+
+        return ControlSettings(Path("/run/otpd/control.sock")).socket
+
+
+def _control(args: argparse.Namespace, message: dict[str, object]) -> dict[str, Any] | None:
+    from otpd.control import request
+
+    path = _control_path(args)
+    try:
+        answer = asyncio.run(request(path, message))
+    except (OSError, TimeoutError, ValueError) as exc:
+        print(f"cannot reach the daemon on {path}: {exc} (is otpd running? are you in the"
+              " otpd group?)", file=sys.stderr)
+        return None
+    if not answer.get("ok"):
+        print(f"error: {answer.get('error')}", file=sys.stderr)
+        return None
+    return answer
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    answer = _control(args, {"op": "status"})
+    if answer is None:
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    st, counts = answer["status"], answer["counts"]
+    print(f"outbox: {st.get('pending', 0)} pending, oldest {st.get('oldest_pending_age', 0):.0f}"
+          f" s; {counts.get('outbox_sent', 0)} sent, {counts.get('outbox_failed', 0)} failed,"
+          f" {counts.get('outbox_expired', 0)} expired; {counts.get('blocked', 0)} blocked")
+    for m in st.get("channels", {}).get("sms", {}).get("modems", []):
+        signal = m.get("signal") or {}
+        print(f"modem {m.get('name')}: {m.get('state')} on {m.get('port')}, operator"
+              f" {m.get('operator') or '?'}, signal {signal.get('rssi_dbm', '?')} dBm"
+              f" ({signal.get('condition', '?')}), sent {m.get('sent', 0)},"
+              f" failed {m.get('failed', 0)}"
+              + (f", last error: {m['last_error']}" if m.get("last_error") else ""))
+    for a in st.get("channels", {}).get("email", {}).get("accounts", []):
+        print(f"smtp {a['name']}: {'ok' if a['healthy'] else 'failing'} ({a['host']}:{a['port']})"
+              + (f", last error: {a['last_error']}" if a.get("last_error") else ""))
+    for c in st.get("brokers", []):
+        print(f"consumer {c['name']}: {'connected' if c['connected'] else 'disconnected'},"
+              f" {c.get('received', 0)} received"
+              + (f", last error: {c['last_error']}" if c.get("last_error") else ""))
+    return 0
+
+
+def cmd_block(args: argparse.Namespace) -> int:
+    answer = _control(args, {"op": args.command, "receiver": args.receiver})
+    if answer is None:
+        return 1
+    done = "blocked" if args.command == "block" else (
+        "unblocked" if answer.get("removed") else "was not blocked:")
+    print(f"{done} {answer['receiver']}")
+    return 0
+
+
+def cmd_blocklist(args: argparse.Namespace) -> int:
+    answer = _control(args, {"op": "blocklist"})
+    if answer is None:
+        return 1
+    for receiver in answer["blocked"]:
+        print(receiver)
+    return 0
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    states = args.state or ["pending", "failed", "expired"]
+    answer = _control(args, {"op": "outbox", "states": states, "limit": args.limit})
+    if answer is None:
+        return 1
+    if args.json:
+        print(json.dumps(answer["messages"], indent=2))
+        return 0
+    for m in answer["messages"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created_at"]))
+        print(f"{m['id']:>8} {when} {m['command']:<13} {m['receiver']:<22} {m['state']:<8}"
+              f" {m['code'] or '':<5} attempts {m['attempts']}"
+              + (f" via {m['via']}" if m.get("via") else "")
+              + (f": {m['reason']}" if m.get("reason") else ""))
+    return 0
+
+
+def _add_control(p: argparse.ArgumentParser) -> None:
+    _add_config(p)
+    p.add_argument("--socket", help="control socket (default: control.socket of the config)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="otpd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"otpd {__version__}")
@@ -157,6 +256,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=None, help="state directory (default: temporary)")
     p.add_argument("--port", type=int, default=8899, help="REST port (default 8899)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("status", help="modems, consumers and outbox of the running daemon")
+    _add_control(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    for name, text in (("block", "block a number or address"),
+                       ("unblock", "unblock a number or address")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("receiver")
+        _add_control(p)
+        p.set_defaults(func=cmd_block)
+
+    p = sub.add_parser("blocklist", help="list blocked numbers and addresses")
+    _add_control(p)
+    p.set_defaults(func=cmd_blocklist)
+
+    p = sub.add_parser("outbox", help="pending and failed messages (receivers masked)")
+    _add_control(p)
+    p.add_argument("--state", action="append",
+                   choices=["pending", "sent", "failed", "expired"],
+                   help="repeat for several (default: pending, failed, expired)")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_outbox)
 
     from otpd.broker.cli import add_parser as add_broker
     from otpd.sms.cli import add_parser as add_modem

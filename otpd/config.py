@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from email.utils import parseaddr
@@ -27,6 +28,7 @@ class ServerSettings:
     tls_cert: str
     tls_key: str
     paths: tuple[str, ...]
+    allow_plain_http: bool
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,17 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool
+    require_auth: bool  # /metrics behind the REST users file (healthz/readyz never are)
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    socket: Path  # Unix socket for the operator CLI (otpd status, block, outbox...)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings
     store: StoreSettings
@@ -90,6 +103,9 @@ class Settings:
     log: LogSettings
     brokers: BrokerSettings = field(default_factory=BrokerSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings(True, True))
+    control: ControlSettings = field(
+        default_factory=lambda: ControlSettings(Path("/run/otpd/control.sock")))
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -121,6 +137,8 @@ def parse_settings(text: str, path: Path | None = None) -> Settings:
         sms=parse_sms_settings(root.sections("modem"), root.section("sms"), otp.country_code),
         log=_log(root.section("log") or Section({}, "log", errors)),
         limits=parse_limit_settings(root.section("limits"), otp.country_code),
+        metrics=_metrics(root.section("metrics") or Section({}, "metrics", errors)),
+        control=_control(root.section("control") or Section({}, "control", errors)),
         brokers=parse_broker_settings(root.section("amqp"), root.section("redis"),
                                       root.section("mqtt"), root.section("ws")),
         source=path,
@@ -142,7 +160,13 @@ def _server(s: Section) -> ServerSettings:
     cert, key = s.str("tls_cert", ""), s.str("tls_key", "")
     if bool(cert) != bool(key):
         s.error("tls_cert" if not cert else "tls_key", "tls_cert and tls_key must be set together")
+    allow_plain = s.bool("allow_plain_http", False)
+    if not cert and not allow_plain and not _is_loopback(host):
+        s.error("listen", f"{host} is not a loopback address: Basic auth passwords would cross"
+                " the network in clear; set tls_cert and tls_key, or allow_plain_http = true"
+                " (only behind a TLS-terminating proxy)")
     out = ServerSettings(
+        allow_plain_http=allow_plain,
         enabled=s.bool("enabled", True),
         host=host,
         port=port,
@@ -154,6 +178,15 @@ def _server(s: Section) -> ServerSettings:
     )
     s.finish()
     return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _store(s: Section) -> StoreSettings:
@@ -231,6 +264,19 @@ def _smtp(s: Section) -> SmtpAccount:
         timeout=s.float("timeout", 30.0, min=1.0, max=600.0),
         validate_certs=s.bool("validate_certs", True),
     )
+    s.finish()
+    return out
+
+
+def _metrics(s: Section) -> MetricsSettings:
+    out = MetricsSettings(enabled=s.bool("enabled", True),
+                          require_auth=s.bool("require_auth", True))
+    s.finish()
+    return out
+
+
+def _control(s: Section) -> ControlSettings:
+    out = ControlSettings(socket=Path(s.str("socket", "/run/otpd/control.sock")))
     s.finish()
     return out
 

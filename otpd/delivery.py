@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from otpd.channel import Channel, Delivered, Failed, Job, Outcome, Retry
 from otpd.codes import Code
 from otpd.jobqueue import JobQueue, Pending
+from otpd.metrics import Metrics
 from otpd.msisdn import mask
 from otpd.sealing import Sealer, SealError
 from otpd.store import MessageRow, Store, StoreError
@@ -86,7 +87,9 @@ class DeliveryEngine:
         channels: dict[str, Channel],
         sealer: Sealer,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.channels = channels
         self.sealer = sealer
@@ -197,6 +200,8 @@ class DeliveryEngine:
         queue.jobs.remove(job.id)
         if isinstance(outcome, Delivered):
             result = Result("sent", Code.SUCCESS, outcome.detail, outcome.via)
+            if self.metrics is not None:
+                self.metrics.delivery.labels(job.channel).observe(self.clock() - job.created_at)
             log.info("message %d to %s: sent via %s", job.id, mask(job.receiver), outcome.via)
         elif isinstance(outcome, Failed):
             result = Result("failed", outcome.code, outcome.reason)

@@ -72,6 +72,9 @@ def write_demo_config(state: Path, modem_link: Path, smtp_port: int, rest_port: 
         [delivery]
         wait = 20
 
+        [control]
+        socket = "{state / 'control.sock'}"
+
         [[modem]]
         name = "sim1"
         port = "{modem_link}"

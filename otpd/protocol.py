@@ -432,5 +432,8 @@ _PARSERS: dict[str, Any] = {
     "echo": _echo,
 }
 
+COMMAND_NAMES = frozenset(_PARSERS)
+
+
 def error_response(exc: ProtocolError) -> Response:
     return Response(exc.command or "unknown", exc.code, {}, exc.message)

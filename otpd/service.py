@@ -22,6 +22,7 @@ from otpd.codes import Code
 from otpd.config import Settings
 from otpd.delivery import DeliveryEngine, Result
 from otpd.limits import Limiter
+from otpd.metrics import Metrics
 from otpd.msisdn import InvalidReceiver, canonical_receiver, is_email, mask
 from otpd.protocol import (
     BlockMsisdn,
@@ -75,7 +76,9 @@ class Service:
         server_key: bytes,
         sealer: Sealer,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.settings = settings
         self.store = store
         self.engine = engine
@@ -113,10 +116,25 @@ class Service:
             response = Response(env.name, Code.FAILED, _echo(cmd, None),
                                 "the gateway cannot store the request right now; retry later",
                                 transient=True)
+        if self.metrics is not None:
+            self._count(client, env.name, cmd, response)
         receiver = getattr(cmd, "receiver", "")
         log.info("%s %s%s -> %s", transport or "-", env.name,
                  f" {mask(receiver)}" if receiver else "", response.code.value)
         return response
+
+    def _count(self, client: str, name: str, cmd: Command, response: Response) -> None:
+        assert self.metrics is not None
+        transport = client.partition(":")[0]  # "rest:<user>" -> rest: bounded labels
+        self.metrics.commands.labels(transport, name, response.code.value).inc()
+        event = None
+        if isinstance(cmd, RequestOtp) and response.code in (Code.SUCCESS, Code.PENDING):
+            event = "created"
+        elif isinstance(cmd, VerifyOtp):
+            event = {Code.SUCCESS: "verified", Code.INVALID_OTP: "failed",
+                     Code.TOO_MANY_ATTEMPTS: "burned", Code.EXPIRED: "expired"}.get(response.code)
+        if event is not None:
+            self.metrics.otp.labels(event).inc()
 
     async def _dispatch(
         self, name: str, cmd: Command, wait: float, on_stored: OnStored | None, client: str

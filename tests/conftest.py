@@ -112,6 +112,9 @@ def write_config(tmp_path: Path, extra: str = "", *, smtp_port: int | None = Non
 
         [limits]
         {limits}
+
+        [control]
+        socket = "{tmp_path / 'control.sock'}"
     """) + smtp_block + textwrap.dedent(extra)
     path = tmp_path / "otpd.toml"
     path.write_text(text)

@@ -28,6 +28,7 @@ def test_minimal_keys_of_the_design_contract() -> None:
     s = parse_settings("""
         [server]
         listen = "0.0.0.0:9999"
+        allow_plain_http = true
         users_file = "/tmp/u"
         max_body = 4096
         [store]
@@ -124,3 +125,11 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setenv("OTPD_SMTP_PASSWORD", "x")
     settings = parse_settings(text)
     assert settings.smtp and settings.server.paths
+
+
+def test_plain_http_refused_off_loopback() -> None:
+    errors = errors_of('[server]\nlisten = "0.0.0.0:8899"\n')
+    assert errors[0].startswith("server.listen: 0.0.0.0 is not a loopback address")
+    for ok in ('listen = "127.0.0.1:1"', 'listen = "[::1]:1"', 'listen = "localhost:1"',
+               'listen = "0.0.0.0:1"\ntls_cert = "c"\ntls_key = "k"'):
+        parse_settings(f"[server]\n{ok}\n")

@@ -36,10 +36,11 @@ class SlowSink:
 
 
 def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "otpd", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL, stderr=log.open("ab"), env={**os.environ},
-    )
+    with log.open("ab") as stderr:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "otpd", "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ},
+        )
 
 
 async def wait_ready(client: Client) -> None:

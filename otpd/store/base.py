@@ -38,6 +38,10 @@ class Store(Protocol):
 
     async def message(self, message_id: int) -> MessageRow | None: ...
 
+    async def recent_messages(self, states: Sequence[str], limit: int) -> list[MessageRow]:
+        """Newest first, for the operator's ``otpd outbox``."""
+        ...
+
     async def mark_attempt(self, message_id: int, now: float) -> None: ...
 
     async def record_retry(

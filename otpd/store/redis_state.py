@@ -208,6 +208,9 @@ class RedisSharedStore:
     async def message(self, message_id: int) -> MessageRow | None:
         return await self.outbox.message(message_id)
 
+    async def recent_messages(self, states: Sequence[str], limit: int) -> list[MessageRow]:
+        return await self.outbox.recent_messages(states, limit)
+
     async def mark_attempt(self, message_id: int, now: float) -> None:
         await self.outbox.mark_attempt(message_id, now)
 

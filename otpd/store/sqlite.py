@@ -42,6 +42,11 @@ _SELECT_BY_ID = (
     " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started"
     " FROM outbox WHERE id = ?"
 )
+_SELECT_RECENT = (
+    "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
+    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started"
+    " FROM outbox WHERE state IN (?, ?, ?, ?) ORDER BY id DESC LIMIT ?"
+)
 _SELECT_PENDING = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
     " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started"
@@ -151,6 +156,17 @@ class SqliteStore:
         def run(c: sqlite3.Connection) -> MessageRow | None:
             row = c.execute(_SELECT_BY_ID, (message_id,)).fetchone()
             return _message(row) if row else None
+
+        return await self._tx(run)
+
+    async def recent_messages(self, states: Sequence[str], limit: int) -> list[MessageRow]:
+        wanted = [s for s in states if s in ("pending", "sent", "failed", "expired")]
+
+        def run(c: sqlite3.Connection) -> list[MessageRow]:
+            rows = c.execute(
+                _SELECT_RECENT, (*wanted, *[""] * (4 - len(wanted)), limit)
+            ).fetchall()
+            return [_message(r) for r in rows]
 
         return await self._tx(run)
 

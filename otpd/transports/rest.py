@@ -17,15 +17,23 @@ import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client.exposition import choose_encoder
 
 from otpd.codes import Code
 from otpd.config import ServerSettings
 from otpd.errors import StartupError
 from otpd.htpasswd import HtpasswdFile
-from otpd.protocol import ProtocolError, Response, error_response, parse_request
+from otpd.metrics import Metrics
+from otpd.protocol import (
+    COMMAND_NAMES,
+    ProtocolError,
+    Response,
+    error_response,
+    parse_request,
+)
 from otpd.service import Service
 
 log = logging.getLogger("otpd.rest")
@@ -69,14 +77,25 @@ def parse_basic_auth(header: str) -> tuple[str, str] | None:
     return (user, password) if sep and user else None
 
 
+class Health(Protocol):
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness and its details (store writable, a channel usable...)."""
+        ...
+
+
 class RestApi:
     def __init__(self, settings: ServerSettings, service: Service, users: HtpasswdFile | None,
-                 wait: float) -> None:
+                 wait: float, *, metrics: Metrics | None = None, health: Health | None = None,
+                 metrics_auth: bool = True) -> None:
         self.settings = settings
         self.service = service
         self.users = users
         self.wait = wait
+        self.metrics = metrics
+        self.health = health
+        self.metrics_auth = metrics_auth
         self._runner: web.AppRunner | None = None
+        self._ssl: ssl.SSLContext | None = None
         self._auth_failures: dict[str, int] = {}
         self.port: int | None = None
 
@@ -87,7 +106,36 @@ class RestApi:
         )
         for path in self.settings.paths:
             app.router.add_route("*", path, self._handle)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        if self.metrics is not None:
+            app.router.add_get("/metrics", self._metrics)
         return app
+
+    def reload_tls(self) -> None:
+        """Load a renewed certificate: new connections get it, open ones keep theirs."""
+        if self._ssl is not None:
+            self._ssl.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+            log.info("reloaded TLS certificate %s", self.settings.tls_cert)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        # Liveness: the event loop answers. Readiness is /readyz.
+        return json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self.health is None:
+            return json_response({"ready": True})
+        ready, details = await self.health.ready()
+        return json_response({"ready": ready, **details}, 200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        assert self.metrics is not None
+        if self.metrics_auth and await self._authenticate(request) is None:
+            return _error(Code.UNAUTHORIZED, "unauthorized", 401,
+                          headers={"WWW-Authenticate": _REALM})
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def start(self) -> None:
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
@@ -96,7 +144,9 @@ class RestApi:
         try:
             if self.settings.tls_cert:
                 ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
                 ssl_ctx.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+                self._ssl = ssl_ctx
         except (OSError, ssl.SSLError) as exc:
             await runner.cleanup()
             raise StartupError(f"server.tls_cert/tls_key: cannot load: {exc}") from exc
@@ -155,27 +205,39 @@ class RestApi:
         await asyncio.sleep(min(0.05 * 2 ** min(failures, 10), 3.0))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        response, command, code = await self._process(request)
+        if self.metrics is not None:
+            self.metrics.requests.labels(str(response.status), code).inc()
+            # Label only known names: a client must not grow the metric set at will.
+            label = command if command in COMMAND_NAMES else "other"
+            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+        return response
+
+    async def _process(self, request: web.Request) -> tuple[web.Response, str, str]:
+        """The answer, and the command and response code for metrics."""
         if request.method not in ("POST", "PUT"):
             return _error(Code.INVALID_REQUEST, "use POST or PUT", 405,
-                          headers={"Allow": "POST, PUT"})
+                          headers={"Allow": "POST, PUT"}), "", Code.INVALID_REQUEST.value
         ip = request.remote or "-"
         retry_after = await self.service.limiter.auth_blocked(ip, time.time())
         if retry_after > 0:
             seconds = str(max(1, math.ceil(retry_after)))
             return _error(Code.RATE_LIMITED, "too many failed logins from this address", 429,
-                          headers={"Retry-After": seconds})
+                          headers={"Retry-After": seconds}), "", Code.RATE_LIMITED.value
         user = await self._authenticate(request)
         if user is None:
             await self._auth_failed(ip)
             return _error(Code.UNAUTHORIZED, "unauthorized", 401,
-                          headers={"WWW-Authenticate": _REALM})
+                          headers={"WWW-Authenticate": _REALM}), "", Code.UNAUTHORIZED.value
         self._auth_failures.pop(ip, None)
         body = await request.read()
         try:
             env = parse_request(body)
         except ProtocolError as exc:
             status = 400 if exc.code == Code.INVALID_REQUEST and not exc.command else 200
-            return json_response(error_response(exc).to_json(), status)
+            return (json_response(error_response(exc).to_json(), status), exc.command,
+                    exc.code.value)
         response = await self.service.execute(env, wait=self.wait, transport=f"rest:{user}",
                                               ip=ip)
         headers = None
@@ -186,4 +248,4 @@ class RestApi:
             headers = {"Retry-After": str(response.data.get("retry_after", 1))}
         else:
             status = 200
-        return json_response(response.to_json(), status, headers)
+        return json_response(response.to_json(), status, headers), env.name, response.code.value

@@ -1,0 +1,87 @@
+"""Prometheus metrics (prometheus-client) for one daemon.
+
+Event counters are incremented where things happen (REST, service); the
+state of modems, consumers and the outbox is read at scrape time by a
+collector, so nothing polls in the background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+_MODEM_STATES = ("starting", "ready", "busy", "down", "failed", "disabled")
+
+
+class StateCollector(Collector):
+    """Modems, consumers and the outbox, read from the running daemon."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.status()
+        depth = GaugeMetricFamily("otpd_outbox_pending", "Messages waiting to be sent",
+                                  labels=["channel"])
+        for channel, n in st.get("pending_by_channel", {}).items():
+            depth.add_metric([channel], n)
+        yield depth
+        yield GaugeMetricFamily("otpd_outbox_oldest_pending_seconds",
+                                "Age of the oldest pending message",
+                                value=st.get("oldest_pending_age", 0.0))
+        modems = st.get("channels", {}).get("sms", {}).get("modems", [])
+        up = GaugeMetricFamily("otpd_modem_up", "1 if the modem can send now", labels=["modem"])
+        state = GaugeMetricFamily("otpd_modem_state", "Modem state (1 for the current one)",
+                                  labels=["modem", "state"])
+        signal = GaugeMetricFamily("otpd_modem_signal_dbm", "Received signal strength",
+                                   labels=["modem"])
+        sent = GaugeMetricFamily("otpd_modem_sent", "SMS sent by the modem since start",
+                                 labels=["modem"])
+        failed = GaugeMetricFamily("otpd_modem_failed", "SMS failures on the modem since start",
+                                   labels=["modem"])
+        for m in modems:
+            name = str(m.get("name", "?"))
+            current = m.get("state", "")
+            up.add_metric([name], 1.0 if current in ("ready", "busy") else 0.0)
+            for s in _MODEM_STATES:
+                state.add_metric([name, s], 1.0 if s == current else 0.0)
+            dbm = (m.get("signal") or {}).get("rssi_dbm")
+            if isinstance(dbm, int | float):
+                signal.add_metric([name], float(dbm))
+            sent.add_metric([name], float(m.get("sent", 0)))
+            failed.add_metric([name], float(m.get("failed", 0)))
+        yield from (up, state, signal, sent, failed)
+        connected = GaugeMetricFamily("otpd_consumer_connected", "1 if connected to its broker",
+                                      labels=["consumer"])
+        received = GaugeMetricFamily("otpd_consumer_received", "Commands received since start",
+                                     labels=["consumer"])
+        for c in st.get("brokers", []):
+            connected.add_metric([c["name"]], 1.0 if c.get("connected") else 0.0)
+            received.add_metric([c["name"]], float(c.get("received", 0)))
+        yield from (connected, received)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("otpd_rest_requests", "REST requests by HTTP status and code",
+                                ["status", "code"], registry=self.registry)
+        self.latency = Histogram(
+            "otpd_rest_request_seconds", "REST request latency", ["command"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry)
+        self.commands = Counter("otpd_commands", "Commands by transport, command and code",
+                                ["transport", "command", "code"], registry=self.registry)
+        self.otp = Counter("otpd_otp_events", "OTPs created, verified, failed, burned, expired",
+                           ["event"], registry=self.registry)
+        self.delivery = Histogram(
+            "otpd_delivery_seconds", "Time from acceptance to hand-off, by channel",
+            ["channel"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry)
+
+    def watch(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(StateCollector(status))
