@@ -16,6 +16,7 @@ import logging
 import math
 import ssl
 import time
+from importlib import resources
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -106,6 +107,7 @@ class RestApi:
         )
         for path in self.settings.paths:
             app.router.add_route("*", path, self._handle)
+        app.router.add_get("/api/openapi.yaml", self._openapi)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         if self.metrics is not None:
@@ -117,6 +119,10 @@ class RestApi:
         if self._ssl is not None:
             self._ssl.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
             log.info("reloaded TLS certificate %s", self.settings.tls_cert)
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        text = resources.files("otpd").joinpath("openapi.yaml").read_text(encoding="utf-8")
+        return web.Response(text=text, content_type="application/yaml")
 
     async def _healthz(self, request: web.Request) -> web.Response:
         # Liveness: the event loop answers. Readiness is /readyz.
@@ -201,8 +207,10 @@ class RestApi:
         self._auth_failures[ip] = failures
         if len(self._auth_failures) > 10_000:  # bounded memory under a spray of addresses
             self._auth_failures.clear()
-        await self.service.limiter.auth_failed(ip, time.time())
-        await asyncio.sleep(min(0.05 * 2 ** min(failures, 10), 3.0))
+        limiter = self.service.limiter
+        await limiter.auth_failed(ip, time.time())
+        if limiter.s.enabled:
+            await asyncio.sleep(min(0.05 * 2 ** min(failures, 10), 3.0))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
