@@ -283,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_outbox)
 
     from otpd.broker.cli import add_parser as add_broker
+    from otpd.client.cli import add_parser as add_client
     from otpd.sms.cli import add_parser as add_modem
 
     add_modem(sub)
     add_broker(sub)
+    add_client(sub)
     return parser
 
 

@@ -16,8 +16,8 @@ import logging
 import math
 import ssl
 import time
-from importlib import resources
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any, Protocol
 
 from aiohttp import web
