@@ -51,19 +51,12 @@ from otpd.store import (
     StoreError,
     VerifyResult,
 )
+from otpd.store.records import VERIFY_RESPONSES
 
 log = logging.getLogger("otpd.service")
 
 OnStored = Callable[[], Awaitable[None]]
 
-_VERIFY_CODES = {
-    VerifyResult.OK: (Code.SUCCESS, None),
-    VerifyResult.WRONG: (Code.INVALID_OTP, "invalid OTP"),
-    VerifyResult.UNKNOWN: (Code.INVALID_OTP, "invalid OTP"),
-    VerifyResult.USED: (Code.INVALID_OTP, "invalid OTP"),
-    VerifyResult.EXPIRED: (Code.EXPIRED, "OTP expired"),
-    VerifyResult.BURNED: (Code.TOO_MANY_ATTEMPTS, "too many attempts: the OTP is no longer valid"),
-}
 
 
 class Service:
@@ -317,7 +310,7 @@ class Service:
                                               self.settings.otp.max_attempts)
         if outcome in (VerifyResult.WRONG, VerifyResult.BURNED, VerifyResult.UNKNOWN):
             await self.limiter.verify_failed(receiver, now)
-        code, message = _VERIFY_CODES[outcome]
+        code, message = VERIFY_RESPONSES[outcome]
         return Response(name, code, _echo(cmd, None), message)
 
     async def _ussd(self, name: str, cmd: RequestUssd) -> Response:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from otpd import otp as otpmod
 from otpd.client.config import ManageOtpConfig
 from otpd.client.envelope import Params
-from otpd.client.otpstore import OtpStore, StoredOtp, VerifyResult
+from otpd.client.otpstore import OtpStore, StoredOtp
 from otpd.client.response import OtpResponse
 from otpd.codes import Code
 from otpd.msisdn import InvalidReceiver, canonical_receiver
@@ -29,15 +29,7 @@ from otpd.protocol import (
     check_template,
     render_template,
 )
-
-_VERIFY_CODES = {
-    VerifyResult.OK: (Code.SUCCESS, None),
-    VerifyResult.WRONG: (Code.INVALID_OTP, "invalid OTP"),
-    VerifyResult.UNKNOWN: (Code.INVALID_OTP, "invalid OTP"),
-    VerifyResult.USED: (Code.INVALID_OTP, "invalid OTP"),
-    VerifyResult.EXPIRED: (Code.EXPIRED, "OTP expired"),
-    VerifyResult.BURNED: (Code.TOO_MANY_ATTEMPTS, "too many attempts: the OTP is no longer valid"),
-}
+from otpd.store.records import VERIFY_RESPONSES
 
 
 @dataclass(frozen=True)
@@ -123,7 +115,7 @@ class ManagedOtps:
                                       canonical, params)
 
         outcome = await self.store.verify(ref, now, matches, self.config.max_attempts)
-        result, message = _VERIFY_CODES[outcome]
+        result, message = VERIFY_RESPONSES[outcome]
         return OtpResponse.local_answer(name, result, data, message)
 
     async def close(self) -> None:

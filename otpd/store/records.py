@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from otpd.codes import Code
+
 
 class StoreError(Exception):
     """The store could not complete a read or write (disk full, I/O error...)."""
@@ -105,3 +107,14 @@ class VerifyResult(Enum):
     USED = "used"
     EXPIRED = "expired"
     BURNED = "burned"
+
+
+# What verify-otp answers for each outcome (the daemon and the client's manage_otp).
+VERIFY_RESPONSES: dict[VerifyResult, tuple[Code, str | None]] = {
+    VerifyResult.OK: (Code.SUCCESS, None),
+    VerifyResult.WRONG: (Code.INVALID_OTP, "invalid OTP"),
+    VerifyResult.UNKNOWN: (Code.INVALID_OTP, "invalid OTP"),
+    VerifyResult.USED: (Code.INVALID_OTP, "invalid OTP"),
+    VerifyResult.EXPIRED: (Code.EXPIRED, "OTP expired"),
+    VerifyResult.BURNED: (Code.TOO_MANY_ATTEMPTS, "too many attempts: the OTP is no longer valid"),
+}
