@@ -139,6 +139,8 @@ class Daemon:
         return users
 
     async def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.release_waiters()  # answer 1111 now instead of after delivery.wait
         # Consumers first: in-flight commands still need the service and store.
         await asyncio.gather(*(c.stop() for c in self.consumers), return_exceptions=True)
         self.consumers = []

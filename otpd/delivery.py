@@ -95,10 +95,11 @@ class DeliveryEngine:
         self.sealer = sealer
         self.clock = clock
         self.queues = {name: ChannelQueue(self, ch) for name, ch in channels.items()}
-        self._futures: dict[int, asyncio.Future[Result]] = {}
+        self._futures: dict[int, asyncio.Future[Result | None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.healthy = True
         self.uncertain_resends = 0
+        self.closing = False
 
     async def start(self) -> None:
         """Resume what was pending at the last stop, then start the channels."""
@@ -122,6 +123,15 @@ class DeliveryEngine:
             )
             self._tasks.append(asyncio.create_task(self._sweep(queue), name=f"expiry-{name}"))
 
+    def release_waiters(self) -> None:
+        """Shutting down: whoever waits for a result hears "still pending" (1111)
+        now, and later submissions do not wait. The messages stay in the outbox."""
+        self.closing = True
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.set_result(None)
+        self._futures.clear()
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -139,10 +149,14 @@ class DeliveryEngine:
         created = [p.job.created_at for q in self.queues.values() for p in q.jobs]
         return self.clock() - min(created) if created else 0.0
 
-    async def submit(self, job: Job) -> asyncio.Future[Result]:
-        """Queue a stored message; the future resolves with its final result."""
-        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._futures[job.id] = fut
+    async def submit(self, job: Job) -> asyncio.Future[Result | None]:
+        """Queue a stored message; the future resolves with its final result
+        (None if otpd shuts down first: the message stays pending)."""
+        fut: asyncio.Future[Result | None] = asyncio.get_running_loop().create_future()
+        if self.closing:
+            fut.set_result(None)
+        else:
+            self._futures[job.id] = fut
         self._add(job, due=job.created_at)
         await self.queues[job.channel].notify()
         return fut

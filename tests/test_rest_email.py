@@ -304,3 +304,17 @@ sender = "OTP <otp@example.com>"
         assert [a["healthy"] for a in status] == [False, True]
     finally:
         await run.daemon.stop()
+
+
+async def test_stop_answers_waiting_requests_at_once(
+        tmp_path: Path, smtp: SmtpServer, session: aiohttp.ClientSession) -> None:
+    smtp.stop()  # nothing can be delivered: the request waits for delivery.wait
+    run = await start_daemon(write_config(tmp_path, smtp_port=smtp.port, wait=60), session)
+    call = asyncio.create_task(run.client.call("send-email", {
+        "receiver": RECEIVER, "subject": "s", "message": "m"}))
+    await asyncio.sleep(0.5)
+    t0 = time.monotonic()
+    await run.daemon.stop()
+    _, body = await call
+    assert body["response_code"] == "1111"  # still pending, kept in the outbox
+    assert time.monotonic() - t0 < 10
