@@ -164,6 +164,8 @@ default_lifetime = 3600
 wait = 0
 [log]
 level = "warning"
+[limits]
+enabled = false  # one address sending thousands of requests: measures otpd, not the limiter
 [control]
 socket = "{state / 'control.sock'}"
 # A modem whose port never appears: request-otp is measured as "queued", the

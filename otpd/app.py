@@ -25,7 +25,6 @@ from otpd.sealing import Sealer
 from otpd.service import Service
 from otpd.store import SqliteStore, Store, StoreError
 from otpd.store.migrations import SchemaTooNew
-from otpd.store.redis_state import RedisSharedStore
 from otpd.transports.consumer import Consumer, build_consumers
 from otpd.transports.rest import RestApi
 
@@ -61,6 +60,8 @@ def build_sms_channel(settings: Settings) -> Channel:
 async def open_store(s: StoreSettings) -> Store:
     try:
         if s.backend == "redis":
+            from otpd.store.redis_state import RedisSharedStore  # only where configured
+
             return await RedisSharedStore.open(s.path, s.redis_url, s.redis_prefix,
                                                s.expired_grace, s.retention)
         return await SqliteStore.open(s.path)
