@@ -11,10 +11,13 @@ import ssl
 import time
 from typing import Any
 
+from otpd import sdnotify
 from otpd.channel import Channel, WorkSource
 from otpd.config import Settings, StoreSettings, load_settings
 from otpd.confread import ConfigError
 from otpd.control import ControlServer
+from otpd.ddns import DdnsUpdater
+from otpd.ddns_settings import DdnsSettings
 from otpd.delivery import DeliveryEngine
 from otpd.errors import StartupError
 from otpd.htpasswd import HtpasswdError, HtpasswdFile
@@ -83,6 +86,7 @@ class Daemon:
         self.consumers: list[Consumer] = []
         self.metrics: Metrics | None = None
         self.control: ControlServer | None = None
+        self.ddns: DdnsUpdater | None = None
         self.started = asyncio.Event()
 
     async def start(self) -> None:
@@ -121,7 +125,33 @@ class Daemon:
         for consumer in self.consumers:
             await consumer.start()
         self._tasks.append(asyncio.create_task(self._purge_loop(), name="purge"))
+        await self._apply_ddns(s.ddns)
         self.started.set()
+
+    async def _apply_ddns(self, new: DdnsSettings | None) -> None:
+        """Start, reconfigure (a reload also clears a badauth/nohost/abuse stop)
+        or stop the DDNS updater."""
+        if new is None or not new.enabled:
+            if self.ddns is not None:
+                await self.ddns.stop()
+                self.ddns = None
+        elif self.ddns is not None:
+            await self.ddns.reconfigure(new)
+        else:
+            self.ddns = DdnsUpdater(new)
+            await self.ddns.start()
+
+    async def healthy(self) -> bool:
+        """systemd watchdog check. Being awaited at all proves the event loop
+        runs; then the store must take a write and the delivery engine's tasks
+        must be alive (and it must have been able to record its last result)."""
+        if self.store is None or self.engine is None:
+            return False
+        try:
+            await asyncio.wait_for(self.store.check_writable(local_only=True), 5.0)
+        except (StoreError, TimeoutError):
+            return False
+        return self.engine.healthy and self.engine.alive()
 
     def _load_users(self) -> HtpasswdFile | None:
         path = self.settings.server.users_file
@@ -140,6 +170,8 @@ class Daemon:
         return users
 
     async def stop(self) -> None:
+        if self.ddns is not None:
+            await self.ddns.stop()
         if self.engine is not None:
             self.engine.release_waiters()  # answer 1111 now instead of after delivery.wait
         # Consumers first: in-flight commands still need the service and store.
@@ -181,6 +213,7 @@ class Daemon:
             "uncertain_resends": self.engine.uncertain_resends,
             "channels": {name: q.channel.status() for name, q in self.engine.queues.items()},
             "brokers": [c.status() for c in self.consumers],
+            "ddns": self.ddns.status() if self.ddns is not None else None,
         }
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -214,30 +247,51 @@ class Daemon:
         source = self.settings.source
         if source is not None:
             try:
-                level = load_settings(source).log.level
+                fresh = load_settings(source)
             except ConfigError as exc:
-                log.error("reload: %s is not valid, log level unchanged: %s", source, exc)
+                log.error("reload: %s is not valid, log level and ddns unchanged: %s",
+                          source, exc)
             else:
-                logging.getLogger().setLevel(level.upper())
-        log.info("reloaded users, TLS certificate and log level")
+                logging.getLogger().setLevel(fresh.log.level.upper())
+                task = asyncio.get_running_loop().create_task(self._apply_ddns(fresh.ddns),
+                                                              name="ddns-reload")
+                self._tasks = [t for t in self._tasks if not t.done()] + [task]
+        log.info("reloaded users, TLS certificate, log level and ddns")
 
 
 async def run_until_signalled(daemon: Daemon) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reporter = sdnotify.StatusReporter(lambda: sdnotify.summary(daemon.status()))
+    watchdog = sdnotify.Watchdog(daemon.healthy)
+
+    def on_hup() -> None:
+        sdnotify.reloading()
+        daemon.reload()
+        sdnotify.ready()
+        reporter.report()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         try:
             await daemon.start()
         except StartupError as exc:
             log.error("cannot start: %s", exc)
+            sdnotify.status(f"cannot start: {exc}")
             raise
+        # Store open, listeners bound; modems and brokers come up in the background.
+        sdnotify.ready()
+        await reporter.start()  # STATUS= now, then on every change (checked every 10 s)
+        await watchdog.start()
         log.info("otpd ready")
         await stop.wait()
         log.info("stopping")
+        sdnotify.stopping()
     finally:
+        await reporter.stop()
+        await watchdog.stop()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from otpd.confread import ConfigError, Section
+from otpd.ddns_settings import DdnsSettings, parse_ddns_settings
 from otpd.limits import LimitSettings, parse_limit_settings
 from otpd.sms.settings import SmsSettings, parse_sms_settings
 from otpd.transports.settings import BrokerSettings, parse_broker_settings
@@ -106,6 +107,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings(True, True))
     control: ControlSettings = field(
         default_factory=lambda: ControlSettings(Path("/run/otpd/control.sock")))
+    ddns: DdnsSettings | None = None
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -141,6 +143,7 @@ def parse_settings(text: str, path: Path | None = None) -> Settings:
         control=_control(root.section("control") or Section({}, "control", errors)),
         brokers=parse_broker_settings(root.section("amqp"), root.section("redis"),
                                       root.section("mqtt"), root.section("ws")),
+        ddns=parse_ddns_settings(root.section("ddns")),
         source=path,
         raw=data,
     )

@@ -142,6 +142,10 @@ class DeliveryEngine:
                 fut.cancel()
         self._futures.clear()
 
+    def alive(self) -> bool:
+        """Every channel and expiry task is still running (for the watchdog)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
     def pending_count(self) -> int:
         return sum(len(q.jobs) for q in self.queues.values())
 

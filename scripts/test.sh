@@ -5,5 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/venv.sh test
 .venv/bin/ruff check otpd tests bench
+if command -v shellcheck >/dev/null; then
+    shellcheck scripts/*.sh .ci/run
+fi
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"

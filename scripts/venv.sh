@@ -13,10 +13,11 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 stamp=".venv/.installed-${extras:-base}"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -nt "$stamp" ]; then
     echo "Installing otpd${extras:+[$extras]} into .venv (log: .venv/pip.log) ..." >&2
     if ! { .venv/bin/python -m pip install --upgrade pip &&
-           .venv/bin/python -m pip install -e ".${extras:+[$extras]}"; } > .venv/pip.log 2>&1; then
+           .venv/bin/python -m pip install -c requirements.lock -e ".${extras:+[$extras]}"
+         } > .venv/pip.log 2>&1; then
         tail -n 30 .venv/pip.log >&2
         echo "pip install failed; the full log is .venv/pip.log" >&2
         exit 1

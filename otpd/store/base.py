@@ -27,7 +27,10 @@ from otpd.store.records import (
 class Store(Protocol):
     async def close(self) -> None: ...
 
-    async def check_writable(self) -> None: ...
+    async def check_writable(self, *, local_only: bool = False) -> None:
+        """A real write; ``local_only`` skips shared state (Redis) for the watchdog,
+        since restarting otpd cannot fix a Redis outage."""
+        ...
 
     # outbox (always local to the node that acknowledged the command)
     async def insert_message(

@@ -153,8 +153,10 @@ class RedisSharedStore:
     def _key(self, kind: str, name: str) -> str:
         return f"{self.prefix}{kind}:{name}"
 
-    async def check_writable(self) -> None:
+    async def check_writable(self, *, local_only: bool = False) -> None:
         await self.outbox.check_writable()
+        if local_only:
+            return
         await self._call(self.redis.set(self._key("health", "probe"), "1", ex=60))
 
     # -- outbox, with shared duplicate detection ---------------------------------

@@ -76,7 +76,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(_describe(exc)) from exc
 
-    async def check_writable(self) -> None:
+    async def check_writable(self, *, local_only: bool = False) -> None:
         """A tiny real write, for readiness checks."""
         await self._tx(lambda c: c.execute("UPDATE meta SET value = value WHERE key = 'schema'"))
 
