@@ -34,6 +34,8 @@ class LimitSettings:
     auth_window: float = 900.0
     allow_prefixes: tuple[str, ...] = ()  # E.164 prefixes; empty = every number
     deny_prefixes: tuple[str, ...] = ()
+    sim_daily_max: int = 300  # SMS parts per SIM per day (carriers cap SIMs); 0 = no cap
+    sim_monthly_max: int = 6000  # SMS parts per SIM per 30 days; 0 = no cap
 
 
 def parse_limit_settings(s: Section | None, country_code: str) -> LimitSettings:
@@ -69,6 +71,8 @@ def parse_limit_settings(s: Section | None, country_code: str) -> LimitSettings:
         auth_window=s.float("auth_window", d.auth_window, min=1.0, max=DAY),
         allow_prefixes=prefixes("allow_prefixes"),
         deny_prefixes=prefixes("deny_prefixes"),
+        sim_daily_max=s.int("sim_daily_max", d.sim_daily_max, min=0),
+        sim_monthly_max=s.int("sim_monthly_max", d.sim_monthly_max, min=0),
     )
     s.finish()
     return out
@@ -136,3 +140,43 @@ class Limiter:
         if self.s.enabled:
             lim = RateLimit(f"authfail:{ip}", self.s.auth_window, self.s.auth_failures_max + 1)
             await self.store.rate_hit([lim], now)
+
+
+class SimQuota:
+    """SMS parts per SIM per day and per 30 days, across restarts.
+
+    Keyed by the SIM's IMSI when the modem reports one (a SIM moved to another
+    modem keeps its count), else by the modem's name. The pool asks before it
+    takes work for a modem and records each part it hands to the network.
+    """
+
+    def __init__(self, settings: LimitSettings, store: Store) -> None:
+        self.s = settings
+        self.store = store
+
+    def _limits(self, sim: str) -> list[RateLimit]:
+        out = []
+        if self.s.sim_daily_max:
+            out.append(RateLimit(f"sim-day:{sim}", DAY, self.s.sim_daily_max))
+        if self.s.sim_monthly_max:
+            out.append(RateLimit(f"sim-month:{sim}", 30 * DAY, self.s.sim_monthly_max))
+        return out
+
+    async def wait(self, sim: str, now: float) -> float:
+        """Seconds until this SIM may send again (0 = it may now)."""
+        limits = self._limits(sim)
+        if not self.s.enabled or not limits:
+            return 0.0
+        return await self.store.rate_hit(limits, now, record=False)
+
+    async def record(self, sim: str, parts: int, now: float) -> float:
+        """Count sent parts; returns the wait before the next send (0 = none)."""
+        limits = self._limits(sim)
+        if not self.s.enabled or not limits:
+            return 0.0
+        for _ in range(parts):
+            # Recorded even past the cap: the network took these parts.
+            if await self.store.rate_hit(limits, now) > 0:
+                relaxed = [RateLimit(lim.key, lim.window, 2**31) for lim in limits]
+                await self.store.rate_hit(relaxed, now)
+        return await self.store.rate_hit(limits, now, record=False)

@@ -205,3 +205,17 @@ async def test_two_nodes_share_otps_and_ids(tmp_path: Path, smtp: SmtpServer,
         for run in runs:
             await run.daemon.stop()
         await drop_prefix(prefix)
+
+
+async def test_sim_quota_per_day(store: Store) -> None:
+    from otpd.limits import LimitSettings, SimQuota
+
+    quota = SimQuota(LimitSettings(sim_daily_max=3, sim_monthly_max=0), store)
+    sim = f"sim-{uuid.uuid4().hex}"
+    assert await quota.wait(sim, 1000.0) == 0
+    assert await quota.record(sim, 2, 1000.0) == 0  # 2 of 3 used
+    wait = await quota.record(sim, 2, 1001.0)  # a 2-part SMS crosses the cap: still counted
+    assert wait == pytest.approx(86400.0, abs=2)
+    assert await quota.wait(sim, 1002.0) > 0
+    # A day after the first two parts, they have left the window.
+    assert await quota.wait(sim, 1000.0 + 86400.5) == 0
