@@ -111,9 +111,10 @@ class Service:
                                 transient=True)
         if self.metrics is not None:
             self._count(client, env.name, cmd, response)
-        receiver = getattr(cmd, "receiver", "")
-        log.info("%s %s%s -> %s", transport or "-", env.name,
-                 f" {mask(receiver)}" if receiver else "", response.code.value)
+        if log.isEnabledFor(logging.INFO):
+            receiver = getattr(cmd, "receiver", "")
+            log.info("%s %s%s -> %s", transport or "-", env.name,
+                     f" {mask(receiver)}" if receiver else "", response.code.value)
         return response
 
     def _count(self, client: str, name: str, cmd: Command, response: Response) -> None:

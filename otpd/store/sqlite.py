@@ -288,20 +288,22 @@ class SqliteStore:
             wait = 0.0
             for lim in limits:
                 since = now - lim.window
-                rows = c.execute(
-                    "SELECT at FROM rate_events WHERE key = ? AND at > ? ORDER BY at",
-                    (lim.key, since),
-                ).fetchall()
-                if lim.member is not None and any(
-                    c.execute(
-                        "SELECT 1 FROM rate_events WHERE key = ? AND member = ? AND at > ?",
-                        (lim.key, lim.member, since),
-                    ).fetchall()
-                ):
+                if lim.member is not None and c.execute(
+                    "SELECT 1 FROM rate_events WHERE key = ? AND member = ? AND at > ?",
+                    (lim.key, lim.member, since),
+                ).fetchone() is not None:
                     continue  # a member already counted costs nothing more
-                if len(rows) + 1 > lim.limit:
+                (count,) = c.execute(
+                    "SELECT count(*) FROM rate_events WHERE key = ? AND at > ?", (lim.key, since)
+                ).fetchone()
+                if count + 1 > lim.limit:
                     # Allowed again when enough of the oldest hits leave the window.
-                    oldest = rows[len(rows) - lim.limit][0] if lim.limit > 0 else now
+                    row = c.execute(
+                        "SELECT at FROM rate_events WHERE key = ? AND at > ?"
+                        " ORDER BY at LIMIT 1 OFFSET ?",
+                        (lim.key, since, count - lim.limit),
+                    ).fetchone()
+                    oldest = row[0] if lim.limit > 0 and row else now
                     wait = max(wait, oldest + lim.window - now, 0.001)
             if wait > 0 or not record:
                 return wait

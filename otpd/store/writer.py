@@ -38,6 +38,11 @@ def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
+def _settle_all(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in items:
+        _settle(future, ok, value)
+
+
 class GroupCommitWriter:
     def __init__(self, connect: Callable[[], sqlite3.Connection], name: str) -> None:
         self._connect = connect
@@ -115,5 +120,9 @@ class GroupCommitWriter:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             results = [(False, exc)] * len(batch)
+        # One wake-up of each event loop per batch, not one per call.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for call, (ok, value) in zip(batch, results, strict=True):
-            call.loop.call_soon_threadsafe(_settle, call.future, ok, value)
+            by_loop.setdefault(call.loop, []).append((call.future, ok, value))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, items)

@@ -9,6 +9,11 @@
 * Manual acknowledgement once the command is stored; ``prefetch`` bounds the
   unacknowledged messages. A command the store could not take is nacked with
   requeue after ``retry_delay``. A crash before the ack means redelivery.
+  Acknowledgements are coalesced: the commands stored together (the store
+  commits in groups) whose delivery tags follow the last acknowledged one get
+  a single ``basic.ack`` with ``multiple``; one stored ahead of an older
+  command still running is acknowledged on its own. One frame per group
+  instead of one per message matters on a Pi, where each write costs.
 * Replies: to ``callback_topic``, declared ``durable=True, auto_delete=False,
   exclusive=False`` (exactly what the PHP client declares; other flags make its
   own declare fail) and published to the default exchange; also to the
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -42,6 +48,78 @@ if TYPE_CHECKING:
 log = logging.getLogger("otpd.transports.amqp")
 
 CONNECT_TIMEOUT = 15.0
+ACK_DRAIN = 2.0  # s the acknowledgements still queued may take to go out on stop
+
+
+class _Acks:
+    """The acknowledgements of one consuming channel, coalesced.
+
+    Delivery tags on a channel count 1, 2, 3... and this channel has only our
+    consumer, so every tag up to ``floor`` is settled (acknowledged or handed
+    back). Tags stored meanwhile that continue the run from ``floor`` get one
+    ``basic.ack(multiple=True)``; a stored tag behind a gap (an older command
+    still running) is acknowledged alone. Never a tag twice: RabbitMQ closes
+    the channel on an unknown delivery tag.
+    """
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel,
+                 on_error: Callable[[BaseException], None]) -> None:
+        self.channel = channel
+        self.on_error = on_error
+        self.floor = 0
+        self.done: set[int] = set()  # stored, acknowledgement not sent yet
+        self.settled: set[int] = set()  # above floor, acked alone or nacked (written)
+        self.flusher: asyncio.Task[None] | None = None
+
+    def ack(self, tag: int) -> None:
+        self.done.add(tag)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self.flusher is None and self.done:
+            # Runs after the current loop iteration: a group commit settles its
+            # commands together, so they are all here by then.
+            self.flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def nack(self, tag: int) -> None:
+        # Not settled until the nack is written: a multiple ack passing over it
+        # first would acknowledge a message that was never stored.
+        try:
+            await self.channel.basic_nack(tag, requeue=True)
+        finally:
+            self.settled.add(tag)
+            self._schedule()
+
+    async def drain(self) -> None:
+        if self.flusher is not None:
+            await asyncio.shield(self.flusher)
+
+    async def _flush(self) -> None:
+        try:
+            while self.done:
+                tag, upto = self.floor + 1, 0
+                while tag in self.done or tag in self.settled:
+                    if tag in self.done:
+                        self.done.discard(tag)
+                        upto = tag
+                    else:
+                        self.settled.discard(tag)
+                    tag += 1
+                self.floor = tag - 1
+                alone = sorted(self.done)
+                self.done.clear()
+                self.settled.update(alone)
+                if upto:
+                    await self.channel.basic_ack(upto, multiple=True)
+                for one in alone:
+                    await self.channel.basic_ack(one)
+        except Exception as exc:
+            # The channel is gone: RabbitMQ redelivers what was not acknowledged
+            # (the store suppresses the duplicates by id).
+            self.done.clear()
+            self.on_error(exc)
+        finally:
+            self.flusher = None
 
 
 class AmqpConsumer(Consumer):
@@ -55,6 +133,7 @@ class AmqpConsumer(Consumer):
         self._consumer_tag: str | None = None
         self._reply_channel: AbstractChannel | None = None
         self._reply_lock = asyncio.Lock()
+        self._acks: _Acks | None = None
 
     async def _session(self) -> None:
         s = self.settings
@@ -76,6 +155,7 @@ class AmqpConsumer(Consumer):
             # The broker cancels the consumer when the queue is deleted.
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
+            self._acks = _Acks(underlay, self._ack_failed)
             self._consumer_tag = await queue.consume(self._on_message, no_ack=False)
             self._set_connected(True, f"queue {s.common.topic!r} on {safe_url(s.url)}")
             # Any of these ends the session; reconnecting declares the queue again.
@@ -95,6 +175,10 @@ class AmqpConsumer(Consumer):
                 raise ConnectionError(f"RabbitMQ cancelled the consumer (queue"
                                       f" {s.common.topic!r} deleted, or closing)")
         finally:
+            acks, self._acks = self._acks, None
+            if acks is not None and not connection.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(acks.drain(), ACK_DRAIN)
             self._connection = None
             self._queue = None
             self._consumer_tag = None
@@ -122,19 +206,33 @@ class AmqpConsumer(Consumer):
         if self._queue is not None and self._consumer_tag is not None:
             await self._queue.cancel(self._consumer_tag)
 
+    def _ack_failed(self, exc: BaseException) -> None:
+        self._note_error(exc)
+        log.warning("%s: acknowledge failed (RabbitMQ will redeliver; the duplicate is"
+                    " suppressed by id): %s", self.name, self._describe(exc))
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        acks, tag = self._acks, message.delivery_tag
+        try:
+            stale = acks is None or tag is None or acks.channel is not message.channel
+        except Exception:  # aio_pika raises when the message's channel is closed
+            stale = True
+        if stale or acks is None or tag is None:
+            return  # its channel is gone: RabbitMQ redelivers it on the new one
+
         async def ack() -> None:
-            await message.ack()
+            acks.ack(tag)
 
         async def redeliver() -> bool:
             try:
-                await message.nack(requeue=True)
+                await acks.nack(tag)
             except Exception as exc:
                 # The channel is gone: RabbitMQ requeues unacked messages anyway.
                 log.debug("%s: nack failed: %s", self.name, self._describe(exc))
             return True
 
-        self.admit_nowait(Inbound(
+        # aio_pika already runs each delivery in a task of its own: handle it there.
+        await self.handle(Inbound(
             body=message.body, ack=ack, redeliver=redeliver,
             reply_to=message.reply_to or None, correlation=message.correlation_id,
         ))

@@ -268,6 +268,18 @@ class Consumer(ABC):
         whose prefetch or receive window already bounds the backlog)."""
         return self._spawn(msg, holding=False)
 
+    async def handle(self, msg: Inbound) -> None:
+        """Take a message in the current task (push-based libraries that already
+        run each delivery in a task of its own: no second task per message)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)  # stop() waits for it, then cancels it
+        try:
+            await self._guarded(msg, holding=False)
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
     def _spawn(self, msg: Inbound, *, holding: bool) -> asyncio.Task[None]:
         task = asyncio.create_task(self._guarded(msg, holding))
         self._inflight.add(task)
@@ -352,7 +364,8 @@ class Consumer(ABC):
                             env.name)
                 return
         await ack_once()
-        await self._reply(env.callback_topic, env.callback_delay_ms, msg, response)
+        if wants_reply:
+            await self._reply(env.callback_topic, env.callback_delay_ms, msg, response)
 
     async def _reply(self, topic: str | None, delay_ms: int, msg: Inbound,
                      response: Response) -> None:

@@ -14,10 +14,23 @@
   (MQTT redelivers unacknowledged messages only on reconnect).
 * Replies are published at QoS 1 to ``callback_topic``; with MQTT 5 also to
   the request's response topic, with its correlation data.
+* ``shared_group``: several otpd nodes subscribe to ``$share/<group>/<topic>``
+  (MQTT 5 shared subscriptions; Mosquitto >= 1.6, EMQX and HiveMQ accept them
+  from MQTT 3.1.1 clients too) and the broker hands each message to one of
+  them. Each node needs its own ``client_id`` (the default with a group is
+  ``otpd-<hostname>``). Sessions stay persistent, so nothing is lost, but a
+  message stays with the session it was assigned to: one a node did not
+  acknowledge before it went down, and (Mosquitto 2.0 keeps its round robin
+  over offline members) that node's share of what is published while it is
+  down, wait until it comes back. A node retired for good must have its
+  session cleared (connect once with its ``client_id`` and a clean session),
+  which drops whatever was still queued for it.
 * ``username``/``password``; TLS with ``tls = true`` (or ``tls_ca``).
 
-paho runs its network loop in its own thread; every callback is handed to
-the asyncio loop (``call_soon_threadsafe``), where all command handling runs.
+paho runs on the asyncio loop through its external-loop API (the socket
+is watched with ``add_reader``/``add_writer``, ``loop_misc`` keeps the
+keepalive): no network thread, so a message and its PUBACK cost no thread
+hand-over. Only the blocking ``connect`` (DNS, TCP, TLS) runs in an executor.
 """
 
 from __future__ import annotations
@@ -26,6 +39,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
@@ -54,6 +69,106 @@ def _settle(fut: asyncio.Future[Any], value: Any) -> None:
         fut.set_result(value)
 
 
+class _OnLoop:
+    """Drives one paho client from the asyncio loop (paho's external-loop API).
+
+    paho reports its socket through callbacks; ``connect`` runs in an executor
+    thread, so what it reports meanwhile is applied on the loop once it
+    returns (``connect`` is done with the socket by then)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: mqtt.Client,
+                 on_error: Callable[[str], None]) -> None:
+        self.loop = loop
+        self.client = client
+        self.on_error = on_error
+        self.thread = threading.get_ident()
+        self.deferred: list[Callable[[], None]] = []
+        self.connecting = False
+        self.sock: mqtt.SocketLike | None = None
+        self.keepalive: asyncio.Task[None] | None = None
+        client.on_socket_open = lambda _c, _u, sock: self._call(lambda: self._open(sock))
+        client.on_socket_close = lambda _c, _u, sock: self._call(lambda: self._close(sock))
+        client.on_socket_register_write = lambda _c, _u, sock: self._call(
+            lambda: self._writer(sock, True))
+        client.on_socket_unregister_write = lambda _c, _u, sock: self._call(
+            lambda: self._writer(sock, False))
+
+    async def connect(self, *args: Any, **kwargs: Any) -> None:
+        self.connecting = True
+        try:
+            await self.loop.run_in_executor(None, functools.partial(
+                self.client.connect, *args, **kwargs))
+        finally:
+            self.connecting = False
+            actions, self.deferred = self.deferred, []
+            for action in actions:
+                action()
+
+    def _call(self, action: Callable[[], None]) -> None:
+        if threading.get_ident() == self.thread:
+            action()
+        elif self.connecting:
+            self.deferred.append(action)
+        else:
+            self.loop.call_soon_threadsafe(action)
+
+    def _open(self, sock: mqtt.SocketLike) -> None:
+        if sock.fileno() < 0:
+            return  # closed again before the loop saw it
+        self.sock = sock
+        self.loop.add_reader(sock, self._readable)
+        self.keepalive = self.loop.create_task(self._misc())
+
+    def _close(self, sock: mqtt.SocketLike) -> None:
+        if sock is self.sock:
+            self.close()
+
+    def _writer(self, sock: mqtt.SocketLike, on: bool) -> None:
+        if sock is not self.sock or sock.fileno() < 0:
+            return
+        if on:
+            self.loop.add_writer(sock, self._writable)
+        else:
+            self.loop.remove_writer(sock)
+
+    def _readable(self) -> None:
+        try:
+            self.client.loop_read()
+        except Exception as exc:  # paho reports most failures itself (on_disconnect)
+            self.close()
+            self.on_error(f"read failed: {exc}")
+            return
+        # TLS: bytes already decrypted inside the SSL object never make the
+        # socket readable again: read them now.
+        pending = getattr(self.sock, "pending", None)
+        if pending is not None and pending() > 0:
+            self.loop.call_soon(self._readable)
+
+    def _writable(self) -> None:
+        try:
+            self.client.loop_write()
+        except Exception as exc:
+            self.close()
+            self.on_error(f"write failed: {exc}")
+
+    async def _misc(self) -> None:
+        # Keepalive: PINGREQ when idle, and a dead broker noticed.
+        while True:
+            await asyncio.sleep(1.0)
+            if self.client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+
+    def close(self) -> None:
+        """Stop watching the socket (paho closes it, or the client is dropped)."""
+        sock, self.sock = self.sock, None
+        if sock is not None and sock.fileno() >= 0:
+            self.loop.remove_reader(sock)
+            self.loop.remove_writer(sock)
+        if self.keepalive is not None:
+            self.keepalive.cancel()
+            self.keepalive = None
+
+
 class MqttConsumer(Consumer):
     def __init__(self, settings: MqttSettings, service: Service, default_wait: float,
                  name: str = "mqtt") -> None:
@@ -62,6 +177,7 @@ class MqttConsumer(Consumer):
         self.settings = settings
         self._client: mqtt.Client | None = None
         self._lost: asyncio.Future[str] | None = None
+        self._subscribed_once = False  # a session was set up earlier in this process
 
     @property
     def v5(self) -> bool:
@@ -92,7 +208,8 @@ class MqttConsumer(Consumer):
         lost: asyncio.Future[str] = loop.create_future()
         client = self._make_client()
 
-        # These run on paho's thread: hand everything to the event loop.
+        # paho calls these from the loop (from loop_read), or from the executor
+        # thread while connect runs: hand the rare ones over safely.
         def on_connect(_c: mqtt.Client, _u: Any, flags: mqtt.ConnectFlags, rc: ReasonCode,
                        _p: Properties | None) -> None:
             loop.call_soon_threadsafe(_settle, connected, (rc, flags.session_present))
@@ -106,12 +223,13 @@ class MqttConsumer(Consumer):
             loop.call_soon_threadsafe(_settle, lost, str(rc))
 
         def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-            loop.call_soon_threadsafe(self._on_message, client, message)
+            self._on_message(client, message)  # in loop_read, on the loop
 
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
         client.on_disconnect = on_disconnect
         client.on_message = on_message
+        driver = _OnLoop(loop, client, lambda why: _settle(lost, why))
 
         properties = None
         # MQTT 3: the session flag is the constructor's clean_session=False.
@@ -120,33 +238,50 @@ class MqttConsumer(Consumer):
             properties = _properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = s.session_expiry
             properties.ReceiveMaximum = s.common.prefetch
-        await loop.run_in_executor(None, functools.partial(
-            client.connect, s.host, s.port, s.keepalive, clean_start=clean_start,
-            properties=properties))
-        client.loop_start()
-        self._client = client
-        self._lost = lost
         try:
+            await driver.connect(s.host, s.port, s.keepalive, clean_start=clean_start,
+                                 properties=properties)
+            self._client = client
+            self._lost = lost
             rc, session_present = await asyncio.wait_for(connected, HANDSHAKE_TIMEOUT)
             if rc.is_failure:
                 raise ConnectionRefusedError(f"broker refused the connection: {rc}")
-            result, _mid = client.subscribe(s.common.topic, qos=1)
+            result, _mid = client.subscribe(s.subscription, qos=1)
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise ConnectionError(f"subscribe failed: {mqtt.error_string(result)}")
             codes = await asyncio.wait_for(subscribed, HANDSHAKE_TIMEOUT)
             if any(code.is_failure for code in codes):
                 raise ConnectionError(f"subscription refused: {codes[0]}")
-            self._set_connected(True, f"topic {s.common.topic!r} on {s.host}:{s.port} as"
+            self._set_connected(True, f"topic {s.subscription!r} on {s.host}:{s.port} as"
                                       f" {s.client_id!r}, session"
                                       f" {'resumed' if session_present else 'new'}")
+            if self._subscribed_once and not session_present and self._keeps_session:
+                # Restarted without persistence, expired, or taken over with a clean
+                # session: what was queued for otpd meanwhile is gone.
+                self._note_error("the broker did not keep the session")
+                log.warning("%s: the broker did not keep the session of %r: QoS 1 messages"
+                            " published while otpd was disconnected are lost (broker"
+                            " restarted without persistence?)", self.name, s.client_id)
+            self._subscribed_once = True
             reason = await lost
             raise ConnectionError(f"connection lost: {reason}")
         finally:
             self._client = None
             self._lost = None
-            with contextlib.suppress(Exception):
-                client.disconnect()
-            await loop.run_in_executor(None, client.loop_stop)
+            if driver.sock is not None:
+                # A clean DISCONNECT (the broker keeps the session), written now.
+                with contextlib.suppress(Exception):
+                    client.disconnect()
+                    client.loop_write()
+            driver.close()
+            sock = client.socket()
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    @property
+    def _keeps_session(self) -> bool:
+        return not self.v5 or self.settings.session_expiry > 0
 
     def _on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
         mid, qos = message.mid, message.qos

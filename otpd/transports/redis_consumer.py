@@ -12,7 +12,9 @@ a consumer group ``group`` on the stream named by ``topic`` (created from the
 stream's start with ``MKSTREAM``, so entries added before otpd first ran are
 processed too). Each entry carries the command JSON in its ``message`` field
 (an entry with exactly one field may name it as it likes). An entry is
-``XACK``-ed once the command is stored; one that is not (crash, store
+``XACK``-ed once the command is stored (the acknowledgements of the commands
+stored meanwhile go out together, one ``XACK`` with many ids, so a backlog
+costs one round trip per batch, not per entry); one that is not (crash, store
 failure) stays pending and is taken back with ``XAUTOCLAIM`` once idle for
 ``claim_idle`` seconds, from this consumer or a dead one; nothing published
 while the Pi is offline is lost. Replies are ``XADD``-ed (field ``message``)
@@ -21,6 +23,10 @@ entries and expiring ``reply_ttl`` s after the last reply, so a requester that
 reads late still finds its answer and abandoned reply streams do not pile up.
 otpd never deletes command entries (another group may read them too):
 publishers should trim, e.g. ``XADD topic MAXLEN ~ 10000 * message <json>``.
+
+Connections come from a bounded, blocking pool (``POOL_SIZE``): a burst of
+replies waits for a free connection instead of failing with "too many
+connections" whatever ``prefetch`` is.
 
 ``username``/``password`` (ACL) are used when the URL carries none;
 ``rediss://`` gives TLS (``tls_ca`` for a private CA). The client name
@@ -35,12 +41,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
-from otpd.transports.consumer import Consumer, Inbound, safe_url, url_password
+from otpd.transports.consumer import STOP_GRACE, Consumer, Inbound, safe_url, url_password
 from otpd.transports.settings import RedisSettings
 
 if TYPE_CHECKING:
@@ -50,6 +56,8 @@ log = logging.getLogger("otpd.transports.redis")
 
 FIELD = "message"
 BLOCK_MAX = 5.0  # s one XREADGROUP blocks at most (stop and reclaims stay timely)
+POOL_SIZE = 8  # connections: the blocking read or the subscription, acks, replies
+POOL_WAIT = 10.0  # s a command waits for a free connection
 
 
 def entry_body(fields: dict[Any, Any] | None) -> bytes | None:
@@ -74,6 +82,10 @@ class RedisConsumer(Consumer):
         self.settings = settings
         self._client: Redis | None = None
         self._pending_ids: set[bytes] = set()  # stream entries being handled here
+        # Stream mode: entries stored and waiting for the batched XACK.
+        self._acks: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._ack_wanted = asyncio.Event()
+        self._acking = False  # the session's acknowledger runs
 
     def _make_client(self, *, blocking: bool) -> Redis:
         s = self.settings
@@ -92,7 +104,9 @@ class RedisConsumer(Consumer):
             kwargs["password"] = s.password
         if s.url.startswith("rediss://") and s.common.tls_ca:
             kwargs["ssl_ca_certs"] = s.common.tls_ca
-        return Redis.from_url(s.url, **kwargs)
+        pool = BlockingConnectionPool.from_url(s.url, max_connections=POOL_SIZE,
+                                               timeout=POOL_WAIT, **kwargs)
+        return Redis.from_pool(pool)
 
     async def _session(self) -> None:
         if self.settings.mode == "stream":
@@ -136,26 +150,79 @@ class RedisConsumer(Consumer):
                     raise
             self._set_connected(True, f"stream {s.common.topic!r} group {s.group!r} as"
                                       f" {s.consumer!r} on {safe_url(s.url)}")
-            # Entries this consumer was given before a crash or disconnect.
-            await self._read_own_pending(client)
-            interval = max(min(s.claim_idle / 2, 30.0), 0.05)
-            next_claim = 0.0
-            while not self.stopping:
-                if time.monotonic() >= next_claim:
-                    await self._claim(client)
-                    next_claim = time.monotonic() + interval
-                block = min(BLOCK_MAX, max(next_claim - time.monotonic(), 0.01))
-                reply: Any = await client.xreadgroup(
-                    s.group, s.consumer, {s.common.topic: ">"},
-                    count=s.common.prefetch, block=int(block * 1000),
-                )
-                for _stream, entries in reply or []:
-                    for entry_id, fields in entries:
-                        await self._admit_entry(client, entry_id, fields)
+            acker = asyncio.create_task(self._acknowledge(client), name=f"{self.name}-xack")
+            self._acking = True
+            try:
+                await self._stream_loop(client)
+                if self.stopping and self._inflight:
+                    # Stopping: what is in flight still gets its XACK.
+                    await asyncio.wait(set(self._inflight), timeout=STOP_GRACE)
+            finally:
+                self._acking = False
+                acker.cancel()
+                await asyncio.gather(acker, return_exceptions=True)
+                self._fail_acks(ConnectionError("the Redis session ended"))
         finally:
             self._client = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), 2.0)
+
+    async def _stream_loop(self, client: Redis) -> None:
+        s = self.settings
+        # Entries this consumer was given before a crash or disconnect.
+        await self._read_own_pending(client)
+        interval = max(min(s.claim_idle / 2, 30.0), 0.05)
+        next_claim = 0.0
+        while not self.stopping:
+            if time.monotonic() >= next_claim:
+                await self._claim(client)
+                next_claim = time.monotonic() + interval
+            block = min(BLOCK_MAX, max(next_claim - time.monotonic(), 0.01))
+            reply: Any = await client.xreadgroup(
+                s.group, s.consumer, {s.common.topic: ">"},
+                count=s.common.prefetch, block=int(block * 1000),
+            )
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    await self._admit_entry(client, entry_id, fields)
+
+    async def _acknowledge(self, client: Redis) -> None:
+        """XACK what was stored, in batches: everything queued since the last one."""
+        topic, group = self.settings.common.topic, self.settings.group
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            batch, self._acks = self._acks, []
+            if not batch:
+                continue
+            try:
+                await client.xack(topic, group, *(entry_id for entry_id, _ in batch))
+            except Exception as exc:
+                # Those entries stay pending: read again after a reconnect, or
+                # reclaimed after claim_idle (the store suppresses the duplicate).
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    def _fail_acks(self, exc: BaseException) -> None:
+        batch, self._acks = self._acks, []
+        for _, done in batch:
+            if not done.done():
+                done.set_exception(exc)
+
+    async def _xack(self, entry_id: bytes) -> None:
+        """Acknowledge one entry through the session's batched XACK."""
+        if not self._acking:
+            # Between sessions: it stays pending and is read again on reconnect.
+            raise ConnectionError("not connected to Redis")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks.append((entry_id, done))
+        self._ack_wanted.set()
+        await done
 
     async def _read_own_pending(self, client: Redis) -> None:
         s = self.settings
@@ -202,7 +269,9 @@ class RedisConsumer(Consumer):
             return
 
         async def ack() -> None:
-            await client.xack(topic, group, entry_id)
+            # XACK is not tied to a connection: if the session was reopened while
+            # the command ran, the new session's acknowledger sends it.
+            await self._xack(entry_id)
 
         async def redeliver() -> bool:
             return True  # left pending: XAUTOCLAIM takes it again after claim_idle

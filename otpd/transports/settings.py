@@ -3,8 +3,9 @@
 Each table present enables that consumer (``enabled = false`` keeps it
 configured but off). Keys every table shares:
 
-``topic`` ("sms"), ``enabled`` (true), ``prefetch`` (16: most commands in
-flight at once), ``max_message`` (65536 bytes; bigger messages are dropped),
+``topic`` ("sms"), ``enabled`` (true), ``prefetch`` (64: most commands in
+flight at once; the store commits them in groups, so a wider window means
+fewer, larger commits), ``max_message`` (65536 bytes; bigger messages are dropped),
 ``reconnect_min``/``reconnect_max`` (1 / 60 s backoff), ``retry_delay`` (1 s
 before a command the store could not take is handed back for redelivery),
 ``reply_wait`` (seconds to wait for the send result when a reply is wanted;
@@ -18,8 +19,11 @@ Per broker: ``[amqp] url`` (a secret: may carry the password; ``url_file`` /
 ``otpd-<hostname>``), ``claim_idle``, ``reply_maxlen``, ``reply_ttl``.
 ``[mqtt] host``, ``port`` (1883, 8883 with TLS), ``username``, ``password``,
 ``client_id``, ``protocol`` (3 = 3.1, 4 = 3.1.1, 5), ``tls``, ``keepalive``,
-``session_expiry``. ``[ws] url``, ``username``, ``password``,
-``ping_interval``, ``ping_timeout``, ``reply_min_delay`` (ms).
+``session_expiry``, ``shared_group`` ("" = off; set, several otpd nodes share
+the topic's messages through ``$share/<group>/<topic>``, and ``client_id``
+defaults to ``otpd-<hostname>`` so that each node keeps its own session).
+``[ws] url``, ``username``, ``password``, ``ping_interval``, ``ping_timeout``,
+``reply_min_delay`` (ms).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ MAX_TOPIC_CHARS = 255
 class Common:
     topic: str = DEFAULT_TOPIC
     enabled: bool = True
-    prefetch: int = 16
+    prefetch: int = 64
     max_message: int = 65536
     reconnect_min: float = 1.0
     reconnect_max: float = 60.0
@@ -82,6 +86,13 @@ class MqttSettings:
     tls: bool = False
     keepalive: int = 30
     session_expiry: int = 7 * 86400  # MQTT 5: s the broker keeps the session offline
+    shared_group: str = ""  # set: subscribe to $share/<group>/<topic> (competing nodes)
+
+    @property
+    def subscription(self) -> str:
+        """The topic filter to subscribe to."""
+        topic = self.common.topic
+        return f"$share/{self.shared_group}/{topic}" if self.shared_group else topic
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,7 @@ def _common(s: Section) -> Common:
     return Common(
         topic=topic,
         enabled=s.bool("enabled", True),
-        prefetch=s.int("prefetch", 16, min=1, max=1000),
+        prefetch=s.int("prefetch", 64, min=1, max=1000),
         max_message=s.int("max_message", 65536, min=1024, max=16 * 1024 * 1024),
         reconnect_min=rmin,
         reconnect_max=max(rmin, rmax),
@@ -209,7 +220,15 @@ def _redis(s: Section) -> RedisSettings:
 def _mqtt(s: Section) -> MqttSettings:
     common = _common(s)
     tls = s.bool("tls", False) or bool(common.tls_ca)
-    client_id = s.str("client_id", "otpd")
+    shared_group = s.str("shared_group", "")
+    if shared_group and (any(c in shared_group for c in "/+#")
+                         or not shared_group.isprintable()
+                         or len(shared_group) > MAX_TOPIC_CHARS):
+        s.error("shared_group", f"must be 1..{MAX_TOPIC_CHARS} printable characters"
+                                " without '/', '+' or '#' (or \"\" for none)")
+        shared_group = ""
+    # Nodes sharing a group each need their own session: one client id per host.
+    client_id = s.str("client_id", f"otpd-{socket.gethostname()}" if shared_group else "otpd")
     if not client_id or len(client_id.encode()) > 65535:
         s.error("client_id", "must not be empty (a fixed id keeps the session while offline)")
         client_id = "otpd"
@@ -229,6 +248,7 @@ def _mqtt(s: Section) -> MqttSettings:
         tls=tls,
         keepalive=s.int("keepalive", 30, min=5, max=3600),
         session_expiry=s.int("session_expiry", 7 * 86400, min=0, max=2**32 - 1),
+        shared_group=shared_group,
     )
     s.finish()
     return out

@@ -1,6 +1,6 @@
 """Fixtures for the broker consumer tests: real RabbitMQ, Redis, Mosquitto and
 ``otpd broker`` on localhost, a running daemon with a real SMTP sink, and
-consumers started next to it."""
+consumers started next to it (or by the daemon itself: see ``links.py``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from otpd.broker import BrokerConfig, BrokerServer
 from otpd.confread import ConfigError, Section
+from otpd.htpasswd import hash_password
 from otpd.store import StoreError
 from otpd.transports.consumer import Consumer, build_consumers
 from otpd.transports.settings import BrokerSettings, parse_broker_settings
@@ -29,6 +31,10 @@ from tests.conftest import Running, SmtpServer, services_required, start_daemon,
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
+# ``otpd broker`` accounts: otpd's own, and OTP-Publisher's (which sends its
+# user name as the password).
+OTPD_USER, OTPD_PASSWORD = "otpd", "pi:pass"
+APP_USER = "kamshory"
 
 
 def _unreachable(what: str, exc: BaseException) -> None:
@@ -38,24 +44,44 @@ def _unreachable(what: str, exc: BaseException) -> None:
     pytest.skip(message)
 
 
-def _tcp_check(name: str, host: str, port: int) -> None:
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            pass
-    except OSError as exc:
-        _unreachable(f"{name} not reachable on {host}:{port}", exc)
+# RabbitMQ is shared, and some tests restart it (rabbitmqctl stop_app / start_app):
+# give a restart in progress this long before calling the broker absent.
+RABBIT_GRACE = 45.0
+
+
+def _tcp_check(name: str, host: str, port: int, grace: float = 0.0) -> None:
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                _unreachable(f"{name} not reachable on {host}:{port}", exc)
+                return
+        time.sleep(0.2)
+
+
+def require_tcp(name: str, host: str, port: int) -> None:
+    """Skip (fail with OTPD_REQUIRE_SERVICES=1) unless something listens there."""
+    _tcp_check(name, host, port, RABBIT_GRACE if port == 5672 else 0.0)
 
 
 @pytest.fixture
 async def rabbit() -> str:
     import aio_pika
 
-    try:
-        conn = await aio_pika.connect(RABBIT_URL, timeout=5)
-        await conn.close()
-    except Exception as exc:
-        _unreachable("RabbitMQ not reachable on 127.0.0.1:5672", exc)
-    return RABBIT_URL
+    deadline = time.monotonic() + RABBIT_GRACE
+    while True:
+        try:
+            conn = await aio_pika.connect(RABBIT_URL, timeout=5)
+            await conn.close()
+            return RABBIT_URL
+        except Exception as exc:
+            if time.monotonic() >= deadline:
+                _unreachable("RabbitMQ not reachable on 127.0.0.1:5672", exc)
+                return RABBIT_URL
+        await asyncio.sleep(0.2)
 
 
 @pytest.fixture
@@ -76,6 +102,23 @@ async def redis_url() -> str:
 def mosquitto() -> tuple[str, int]:
     _tcp_check("Mosquitto", MQTT_HOST, MQTT_PORT)
     return MQTT_HOST, MQTT_PORT
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> Path:
+    path = tmp_path / "broker-users"
+    path.write_text(f"{OTPD_USER}:{hash_password(OTPD_PASSWORD, cost=4)}\n"
+                    f"{APP_USER}:{hash_password(APP_USER, cost=4)}\n")
+    return path
+
+
+@pytest.fixture
+async def broker(users: Path) -> AsyncIterator[BrokerServer]:
+    """An ``otpd broker`` (WebSocket message broker) on a free port."""
+    server = BrokerServer(BrokerConfig(htpasswd=users, port=0))
+    await server.start()
+    yield server
+    await server.stop()
 
 
 def unique(prefix: str = "t") -> str:

@@ -267,3 +267,56 @@ async def test_unexpected_error_drops_the_message_instead_of_looping(
     assert reply["response_code"] == "1102"
     assert await queue_depth(amqp, topic) == 0
     assert consumer.connected and consumer.status()["last_error"] == "RuntimeError: bug"
+
+
+async def test_acknowledgements_coalesced_in_and_out_of_order(
+        gateway: Gateway, amqp: AbstractConnection) -> None:
+    topic = unique("amqp")
+    consumer = await start(gateway, amqp, topic, "prefetch = 50")
+    store = gateway.run.daemon.store
+    assert store is not None
+    real = store.block
+    slow = "+6281299999999"
+
+    async def block(receiver: str, now: float) -> None:
+        if receiver == slow:
+            await asyncio.sleep(0.5)  # the oldest command finishes last
+        await real(receiver, now)
+
+    store.block = block  # type: ignore[method-assign]
+    channel = await amqp.channel()
+    await channel.default_exchange.publish(aio_pika.Message(command(
+        "block-msisdn", {"receiver": slow})), routing_key=topic)
+    for i in range(150):
+        await channel.default_exchange.publish(aio_pika.Message(command(
+            "block-msisdn", {"receiver": f"+62812{i:08d}"})), routing_key=topic)
+    await wait_until(lambda: consumer.status()["received"] == 151, 10, "all received")
+    await wait_until(lambda: not consumer._inflight, 10, "all handled")
+    # Stopping hands back whatever was not acknowledged: nothing may be left, and
+    # a tag acknowledged twice would have closed the channel (an error).
+    await gateway.stop(consumer)
+    assert await queue_depth(amqp, topic) == 0
+    status = consumer.status()
+    assert status["errors"] == 0, status["last_error"]
+    assert len(await store.blocked()) == 151
+
+
+async def test_handed_back_message_among_coalesced_acks_is_stored_once(
+        gateway: Gateway, amqp: AbstractConnection) -> None:
+    topic = unique("amqp")
+    consumer = await start(gateway, amqp, topic, "prefetch = 40")
+    gateway.fail_store(1)  # the first command is nacked while the others are acked
+    to = receiver()
+    channel = await amqp.channel()
+    for i in range(30):
+        await channel.default_exchange.publish(aio_pika.Message(command(
+            "send-email", {"id": i, "receiver": to, "subject": f"n{i}", "message": "m"})),
+            routing_key=topic)
+    await wait_until(lambda: len(gateway.mails_to(to)) == 30, 15, "30 mails")
+    await asyncio.sleep(0.3)
+    assert sorted(str(m["Subject"]) for m in gateway.mails_to(to)) == sorted(
+        f"n{i}" for i in range(30))
+    assert gateway.insert_calls == 31  # one failure, redelivered, stored
+    await gateway.stop(consumer)
+    assert await queue_depth(amqp, topic) == 0
+    assert consumer.status()["errors"] == 0, consumer.status()["last_error"]

@@ -4,75 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
-import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from otpd.transports.mqtt import MqttConsumer
-from tests.transports.conftest import Gateway, command, otp_in, receiver, unique, wait_until
+from tests.conftest import SmtpServer
+from tests.transports.conftest import (
+    MQTT_HOST,
+    MQTT_PORT,
+    Gateway,
+    command,
+    otp_in,
+    receiver,
+    unique,
+    wait_until,
+)
+from tests.transports.links import MqttLink, Node, Peer, forget_session, start_node
+from tests.transports.servers import Process, own_mosquitto, self_signed
 
 pytestmark = pytest.mark.services
-
-
-class Peer:
-    """A test-side paho client (the app / OTP-Publisher), received messages queued."""
-
-    def __init__(self, host: str, port: int, *,
-                 protocol: MQTTProtocolVersion = mqtt.MQTTv311,
-                 client_id: str | None = None, clean: bool = True) -> None:
-        self.protocol = protocol
-        self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.connected = threading.Event()
-        self.subscribed = threading.Event()
-        kwargs: dict[str, Any] = {}
-        if protocol != mqtt.MQTTv5:
-            kwargs["clean_session"] = clean
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=client_id or unique("peer"), protocol=protocol,
-                                  reconnect_on_failure=False, **kwargs)
-        self.client.on_connect = lambda *a: self.connected.set()
-        self.client.on_subscribe = lambda *a: self.subscribed.set()
-        self.client.on_message = lambda _c, _u, m: self.inbox.put(m)
-        self.host, self.port = host, port
-
-    def open(self) -> Peer:
-        self.client.connect(self.host, self.port, 30)
-        self.client.loop_start()
-        assert self.connected.wait(5), "peer did not connect"
-        return self
-
-    def subscribe(self, topic: str, qos: int = 1) -> None:
-        self.subscribed.clear()
-        self.client.subscribe(topic, qos)
-        assert self.subscribed.wait(5), "no SUBACK"
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0,
-                properties: Properties | None = None) -> None:
-        info = self.client.publish(topic, payload, qos=qos, properties=properties)
-        info.wait_for_publish(5)
-
-    async def next(self, timeout: float = 10.0) -> mqtt.MQTTMessage:
-        return await asyncio.to_thread(self.inbox.get, True, timeout)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def forget_session(host: str, port: int, client_id: str) -> None:
-    """Connect once with a clean session so Mosquitto drops the test's persistent one."""
-    peer = Peer(host, port, client_id=client_id, clean=True)
-    try:
-        peer.open()
-    finally:
-        peer.close()
 
 
 @pytest.fixture
@@ -219,3 +178,155 @@ async def test_mqtt5_response_topic_correlation_and_malformed(
         "send-email", {"receiver": to, "subject": "S", "message": "after garbage"}), 1)
     await gateway.mail(to)
     assert consumer.status()["errors"] >= 1
+
+
+async def test_session_lost_by_the_broker_is_reported(
+        gateway: Gateway, mqtt_ids: list[str], mosquitto: tuple[str, int]) -> None:
+    client_id = unique("otpd")
+    consumer = await start(gateway, mqtt_ids, unique("mqtt"), client_id=client_id)
+    assert consumer.status()["errors"] == 0
+    # A clean-session login with otpd's id throws otpd out and drops its session,
+    # as a broker restarted without persistence would.
+    await asyncio.to_thread(forget_session, *mosquitto, client_id)
+    await wait_until(lambda: consumer.status()["last_error"] == "the broker did not keep"
+                     " the session", 10, "lost session reported")
+    await wait_until(lambda: consumer.connected, 10, "reconnected")
+
+
+# -- shared subscriptions: several otpd nodes ----------------------------------------
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, smtp: SmtpServer, session: aiohttp.ClientSession,
+                mosquitto: tuple[str, int]) -> AsyncIterator[SharedNodes]:
+    shared = SharedNodes(tmp_path, smtp, session, unique("shared"), unique("group"))
+    yield shared
+    await shared.close()
+
+
+class SharedNodes:
+    """otpd nodes, each its own daemon, store and client id, in one shared group."""
+
+    def __init__(self, tmp_path: Path, smtp: SmtpServer, session: aiohttp.ClientSession,
+                 topic: str, group: str) -> None:
+        self.tmp_path, self.smtp, self.session = tmp_path, smtp, session
+        self.topic, self.group = topic, group
+        self.running: dict[str, Node] = {}
+        self.links: dict[str, MqttLink] = {}
+        self.client_ids: set[str] = set()
+
+    async def start(self, name: str) -> Node:
+        link = MqttLink(topic=self.topic, client_id=f"{self.topic}-{name}",
+                        extra=f'shared_group = "{self.group}"')
+        self.client_ids.add(link.client_id)
+        self.links[name] = link
+        await link.open()
+        state = self.tmp_path / name
+        state.mkdir(exist_ok=True)
+        node = await start_node(state, link, self.smtp, self.session, modem=False)
+        self.running[name] = node
+        return node
+
+    async def stop(self, name: str) -> None:
+        node = self.running.pop(name)
+        await node.stop()
+        # Not link.close(), which would clear the node's session.
+        await asyncio.to_thread(self.links[name].peer.close)
+
+    async def close(self) -> None:
+        for name in list(self.running):
+            await self.stop(name)
+        for client_id in self.client_ids:
+            await asyncio.to_thread(forget_session, MQTT_HOST, MQTT_PORT, client_id)
+
+
+def mail_counts(smtp: SmtpServer, address: str) -> Counter[str]:
+    return Counter(str(m["Subject"]) for m in smtp.sink.messages
+                   if address in str(m.get("To", "")))
+
+
+async def publish_many(peer: Peer, topic: str, to: str, first: int, count: int) -> set[str]:
+    subjects = set()
+    for i in range(first, first + count):
+        subjects.add(f"s{i}")
+        assert await asyncio.to_thread(peer.publish, topic, command(
+            "send-email", {"id": i, "receiver": to, "subject": f"s{i}",
+                           "message": "shared"}), 1)
+    return subjects
+
+
+async def test_shared_group_nodes_receive_disjoint_sets(nodes: SharedNodes) -> None:
+    a = await nodes.start("a")
+    b = await nodes.start("b")
+    assert isinstance(a.consumer, MqttConsumer)
+    assert a.consumer.settings.subscription == f"$share/{nodes.group}/{nodes.topic}"
+    to = receiver()
+    sent = await publish_many(nodes.links["a"].peer, nodes.topic, to, 0, 30)
+    await wait_until(lambda: set(mail_counts(nodes.smtp, to)) == sent, 10, "all mailed")
+    await asyncio.sleep(0.3)
+    # Separate stores: a message handed to both nodes would be mailed twice.
+    assert set(mail_counts(nodes.smtp, to).values()) == {1}
+    got_a, got_b = a.consumer.status()["received"], b.consumer.status()["received"]
+    assert got_a + got_b == 30 and got_a > 0 and got_b > 0
+
+
+async def test_shared_group_node_down_loses_nothing(nodes: SharedNodes) -> None:
+    a = await nodes.start("a")
+    await nodes.start("b")
+    await nodes.stop("b")
+    to = receiver()
+    sent = await publish_many(nodes.links["a"].peer, nodes.topic, to, 0, 20)
+    # Whatever the broker assigned to b's session waits for b (Mosquitto 2.0
+    # keeps its round robin over offline members): all is there once b is back.
+    b = await nodes.start("b")
+    await wait_until(lambda: set(mail_counts(nodes.smtp, to)) == sent, 10, "all mailed")
+    await asyncio.sleep(0.3)
+    assert set(mail_counts(nodes.smtp, to).values()) == {1}
+    assert a.consumer.status()["received"] + b.consumer.status()["received"] == 20
+
+
+@pytest.fixture
+def tls_mosquitto(tmp_path: Path) -> Iterator[tuple[Process, Path]]:
+    cert, key = self_signed(tmp_path)
+    for process in own_mosquitto(tmp_path, f"certfile {cert}\nkeyfile {key}\n"):
+        yield process, cert
+
+
+def tls_publish(port: int, ca: Path, topic: str, bodies: list[bytes]) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, reconnect_on_failure=False)
+    client.tls_set(ca_certs=str(ca))
+    client.connect("127.0.0.1", port, 30)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, body, qos=1) for body in bodies]
+        for info in infos:
+            info.wait_for_publish(10)
+            assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+async def test_tls_with_a_private_ca_and_a_burst(
+        gateway: Gateway, tls_mosquitto: tuple[Process, Path]) -> None:
+    server, ca = tls_mosquitto
+    topic = unique("mqtts")
+    (consumer,) = await gateway.start(f"""
+[mqtt]
+host = "127.0.0.1"
+port = {server.port}
+tls_ca = "{ca}"
+topic = "{topic}"
+client_id = "{unique("otpd")}"
+""")
+    assert isinstance(consumer, MqttConsumer) and consumer.settings.tls
+    await wait_until(lambda: consumer.connected, 10, "TLS consumer connected")
+    to = receiver()
+    # A burst, one of them large: TLS records are read out of the SSL buffer too.
+    bodies = [command("send-email", {"id": i, "receiver": to, "subject": f"t{i}",
+                                     "message": "burst"}, padding="x" * (30_000 if i == 7 else 1))
+              for i in range(40)]
+    await asyncio.to_thread(tls_publish, server.port, ca, topic, bodies)
+    await wait_until(lambda: len(gateway.mails_to(to)) == 40, 15, "40 mails")
+    assert {str(m["Subject"]) for m in gateway.mails_to(to)} == {f"t{i}" for i in range(40)}
+    assert consumer.status()["received"] == 40 and consumer.connected

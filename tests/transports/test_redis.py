@@ -239,3 +239,50 @@ async def test_acl_user_and_password(gateway: Gateway, redis: Redis) -> None:
         await gateway.stop(consumer)
     finally:
         await redis.acl_deluser(user)
+
+
+async def test_stream_stop_acknowledges_what_is_in_flight(
+        gateway: Gateway, redis: Redis) -> None:
+    topic = unique("stream")
+    redis.test_keys.append(topic)  # type: ignore[attr-defined]
+    consumer = await start(gateway, topic, STREAM)
+    store = gateway.run.daemon.store
+    assert store is not None
+    real = store.insert_message
+    entered = asyncio.Event()
+
+    async def slow_insert(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await asyncio.sleep(0.5)
+        return await real(*args, **kwargs)
+
+    store.insert_message = slow_insert  # type: ignore[method-assign]
+    to = receiver()
+    await redis.xadd(topic, {"message": command(
+        "send-email", {"id": "f1", "receiver": to, "subject": "S", "message": "in flight"})})
+    await asyncio.wait_for(entered.wait(), 10)
+    await gateway.stop(consumer)  # returns once the command is stored and XACKed
+    assert await pending(redis, topic) == 0
+    await gateway.mail(to)
+
+
+async def test_stream_many_commands_in_flight_share_a_bounded_pool(
+        gateway: Gateway, redis: Redis) -> None:
+    topic = unique("stream")
+    cbs = [unique("cb") for _ in range(150)]
+    redis.test_keys.extend([topic, *cbs])  # type: ignore[attr-defined]
+    # More commands in flight than redis-py's default pool has connections, each
+    # with a reply to add: none fails for want of a connection.
+    consumer = await start(gateway, topic, STREAM + "prefetch = 150\n")
+    async with redis.pipeline(transaction=False) as pipe:
+        for i, cb in enumerate(cbs):
+            pipe.xadd(topic, {"message": command(
+                "block-msisdn", {"receiver": f"+62812{i:08d}"}, callback_topic=cb)})
+        await pipe.execute()
+    async with asyncio.timeout(20):
+        while await pending(redis, topic) or consumer.status()["received"] < 150:
+            await asyncio.sleep(0.05)
+    for cb in cbs:
+        entries: Any = await redis.xrange(cb)
+        assert json.loads(entries[0][1][b"message"])["response_code"] == "0000"
+    assert consumer.status()["errors"] == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from otpd.confread import ConfigError
@@ -13,7 +15,7 @@ def test_defaults_and_presence_enables() -> None:
     s = broker_settings('[amqp]\n[redis]\n[mqtt]\n[ws]\nenabled = false\n')
     assert s.amqp is not None and s.amqp.common.topic == "sms"
     assert s.amqp.url == "amqp://guest:guest@127.0.0.1:5672/"
-    assert s.amqp.common.prefetch == 16 and s.amqp.common.reply_wait is None
+    assert s.amqp.common.prefetch == 64 and s.amqp.common.reply_wait is None
     assert s.redis is not None and s.redis.mode == "pubsub" and s.redis.group == "otpd"
     assert s.redis.consumer.startswith("otpd-")
     assert s.mqtt is not None and (s.mqtt.port, s.mqtt.client_id) == (1883, "otpd")
@@ -85,3 +87,20 @@ def test_loose_callback_and_safe_url() -> None:
     assert loose_callback(b"[]") == (None, 0)
     assert loose_callback(b"\xff") == (None, 0)
     assert safe_url("amqps://user:pw@host:5671/vh?x=1") == "amqps://host:5671/vh"
+
+
+def test_mqtt_shared_group() -> None:
+    plain = broker_settings('[mqtt]\ntopic = "otp/sms"\n').mqtt
+    assert plain is not None and plain.shared_group == ""
+    assert plain.subscription == "otp/sms" and plain.client_id == "otpd"
+    shared = broker_settings('[mqtt]\ntopic = "otp/sms"\nshared_group = "pis"\n').mqtt
+    assert shared is not None and shared.subscription == "$share/pis/otp/sms"
+    # Nodes of a group must not share a client id (they would take each other's
+    # session): the default becomes per host.
+    assert shared.client_id == f"otpd-{socket.gethostname()}"
+    named = broker_settings('[mqtt]\nshared_group = "pis"\nclient_id = "pi-7"\n').mqtt
+    assert named is not None and named.client_id == "pi-7"
+    for bad in ("a/b", "a+", "#", "tab\there"):
+        with pytest.raises(ConfigError) as info:
+            broker_settings(f'[mqtt]\nshared_group = "{bad}"\n')
+        assert info.value.errors[0].startswith("mqtt.shared_group: must be 1..255 printable")

@@ -6,36 +6,25 @@ import asyncio
 import base64
 import json
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from websockets.asyncio.client import connect
 
 from otpd.broker import BrokerConfig, BrokerServer
-from otpd.htpasswd import hash_password
 from otpd.transports.ws import WsConsumer, topic_url
-from tests.transports.conftest import Gateway, command, otp_in, receiver, unique, wait_until
-
-OTPD_USER, OTPD_PASSWORD = "otpd", "pi:pass"
-APP_USER = "kamshory"  # OTP-Publisher sends the user name as the password
-
-
-@pytest.fixture
-def users(tmp_path: Path) -> Path:
-    path = tmp_path / "broker-users"
-    path.write_text(f"{OTPD_USER}:{hash_password(OTPD_PASSWORD, cost=4)}\n"
-                    f"{APP_USER}:{hash_password(APP_USER, cost=4)}\n")
-    return path
-
-
-@pytest.fixture
-async def broker(users: Path) -> AsyncIterator[BrokerServer]:
-    server = BrokerServer(BrokerConfig(htpasswd=users, port=0))
-    await server.start()
-    yield server
-    await server.stop()
+from tests.transports.conftest import (
+    APP_USER,
+    OTPD_PASSWORD,
+    OTPD_USER,
+    Gateway,
+    command,
+    otp_in,
+    receiver,
+    unique,
+    wait_until,
+)
+from tests.transports.servers import self_signed
 
 
 def config(port: int, topic: str, extra: str = "") -> str:
@@ -137,35 +126,6 @@ async def test_wrong_password_keeps_retrying_without_crashing(
     assert not status["connected"] and "401" in status["last_error"]
     assert "wrong" not in status["last_error"]
     assert base64.b64encode(b"otpd:wrong").decode() not in status["last_error"]
-
-
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 (IP SAN) and its key, made with cryptography."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 async def test_wss_with_a_private_ca(gateway: Gateway, users: Path, tmp_path: Path) -> None:

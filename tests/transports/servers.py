@@ -1,0 +1,122 @@
+"""Broker processes of a test's own (Redis, Mosquitto) on spare ports, and a
+self-signed certificate for TLS listeners on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, services_required
+
+
+class Process:
+    """A broker process of the test's own, on a spare port."""
+
+    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+        self.argv, self.port, self.log = argv, port, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv[0]} exited: {self.log.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"{self.argv[0]} is not listening on {self.port}")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    async def restart(self, sig: signal.Signals) -> None:
+        await asyncio.to_thread(self.stop, sig)
+        await asyncio.sleep(0.3)  # publishes fail meanwhile
+        await asyncio.to_thread(self.start)
+
+
+def own_server(binary: str, argv: list[str], port: int, log: Path) -> Iterator[Process]:
+    if not any(os.access(Path(d) / binary, os.X_OK)
+               for d in os.environ.get("PATH", "").split(os.pathsep)):
+        message = f"{binary} not installed"
+        if services_required():
+            pytest.fail(message)
+        pytest.skip(message)
+    process = Process(argv, port, log)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop(signal.SIGKILL)
+
+
+def mosquitto_conf(tmp_path: Path, port: int, extra: str = "") -> Path:
+    """A private Mosquitto: anonymous, persistent sessions kept in tmp_path."""
+    data = tmp_path / "mosquitto"
+    data.mkdir(exist_ok=True)
+    conf = tmp_path / "mosquitto.conf"
+    # Started as root, Mosquitto switches to the user "mosquitto", which could not
+    # write the persistence file here: stay the current user.
+    conf.write_text(f"""
+user {getpass.getuser()}
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location {data}/
+autosave_interval 1
+max_queued_messages 0
+{extra}
+""")
+    return conf
+
+
+def own_mosquitto(tmp_path: Path, extra: str = "") -> Iterator[Process]:
+    port = free_port()
+    conf = mosquitto_conf(tmp_path, port, extra)
+    yield from own_server("mosquitto", ["mosquitto", "-c", str(conf)], port,
+                          tmp_path / "mosquitto.log")
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (IP SAN) and its key, made with cryptography."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
