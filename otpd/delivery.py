@@ -58,12 +58,12 @@ class ChannelQueue:
     async def _reserve(self, accept: Callable[[Job], bool] | None) -> Job:
         async with self.changed:
             while True:
-                now = self.engine.clock()
-                p = self.jobs.reserve(now, accept)
+                now, mono = self.engine.clock(), self.engine.monotonic()
+                p = self.jobs.reserve(now, accept, mono)
                 if p is not None:
                     return p.job
                 next_due = self.jobs.next_due()
-                timeout = None if next_due is None else max(0.01, next_due - now)
+                timeout = None if next_due is None else max(0.01, next_due - mono)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.changed.wait(), timeout)
 
@@ -88,7 +88,12 @@ class DeliveryEngine:
         sealer: Sealer,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        # ``clock`` (wall time) is for expirations, which are absolute unix
+        # seconds; ``monotonic`` times retry delays, so that a wall-clock jump
+        # neither stalls retries (clock set back) nor hurries them.
+        self.monotonic = monotonic
         self.metrics = metrics
         self.store = store
         self.channels = channels
@@ -113,7 +118,9 @@ class DeliveryEngine:
                 log.warning("message %d to %s was being sent when otpd stopped; it may have"
                             " gone out already: sending it again", row.id, mask(row.receiver))
             if job is not None:
-                self._add(job, due=row.next_attempt_at)
+                # Not at row.next_attempt_at: that is wall-clock time, which may
+                # have gone back while otpd was down. A restart tries at once.
+                self._add(job, delay=0.0)
                 resumed += 1
         if resumed:
             log.info("resumed %d pending message(s) from the outbox", resumed)
@@ -161,12 +168,13 @@ class DeliveryEngine:
             fut.set_result(None)
         else:
             self._futures[job.id] = fut
-        self._add(job, due=job.created_at)
+        self._add(job, delay=0.0)
         await self.queues[job.channel].notify()
         return fut
 
-    def _add(self, job: Job, due: float) -> None:
-        self.queues[job.channel].jobs.add(job, due, self.clock())
+    def _add(self, job: Job, delay: float) -> None:
+        mono = self.monotonic()
+        self.queues[job.channel].jobs.add(job, mono + delay, mono)
 
     async def _job_from_row(self, row: MessageRow) -> Job | None:
         if row.channel not in self.queues or row.sealed is None:
@@ -202,11 +210,12 @@ class DeliveryEngine:
             return
         attempts = job.attempts + 1
         if isinstance(outcome, Retry):
-            now = self.clock()
-            due = now + max(outcome.delay, 0.0)
+            now, mono = self.clock(), self.monotonic()
+            delay = max(outcome.delay, 0.0)
+            due = now + delay  # on record, for the operator's outbox view
             pending.job = _with_attempts(job, attempts)
             pending.last_error = outcome.reason
-            queue.jobs.release(pending, due, now)
+            queue.jobs.release(pending, mono + delay, mono)
             log.info("message %d to %s: retry in %.1fs (%s)", job.id, mask(job.receiver),
                      max(outcome.delay, 0.0), outcome.reason)
             try:
@@ -222,7 +231,10 @@ class DeliveryEngine:
                 self.metrics.delivery.labels(job.channel).observe(self.clock() - job.created_at)
             log.info("message %d to %s: sent via %s", job.id, mask(job.receiver), outcome.via)
         elif isinstance(outcome, Failed):
-            result = Result("failed", outcome.code, outcome.reason)
+            # A channel that finds the job expired as it takes it (the modem pool
+            # checks) reports Failed(code=EXPIRED): on record it is an expiry.
+            state = "expired" if outcome.code is Code.EXPIRED else "failed"
+            result = Result(state, outcome.code, outcome.reason)
             log.warning("message %d to %s: failed: %s", job.id, mask(job.receiver), outcome.reason)
         else:  # pragma: no cover - Outcome is a closed union
             raise TypeError(outcome)
@@ -285,9 +297,9 @@ class DeliveryEngine:
                 raise
             except Exception:
                 log.exception("channel %s crashed; restarting in %.0fs", queue.channel.name, delay)
-                now = self.clock()
+                mono = self.monotonic()
                 for p in [p for p in queue.jobs if p.reserved]:
-                    queue.jobs.release(p, now, now)
+                    queue.jobs.release(p, mono, mono)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 

@@ -22,7 +22,7 @@ SCAN_LIMIT = 512
 @dataclass
 class Pending:
     job: Job
-    due: float
+    due: float  # on the caller's due timeline (the engine's: monotonic)
     reserved: bool = False
     last_error: str = ""
 
@@ -60,9 +60,12 @@ class JobQueue:
             if p is not None and not p.reserved and p.due == due:
                 self._ready[job_id] = None
 
-    def reserve(self, now: float, accept: Callable[[Job], bool] | None) -> Pending | None:
-        """The oldest due, unexpired job that ``accept`` allows, now reserved."""
-        self._promote(now)
+    def reserve(self, now: float, accept: Callable[[Job], bool] | None,
+                mono: float | None = None) -> Pending | None:
+        """The oldest due, unexpired job that ``accept`` allows, now reserved.
+        ``now`` (wall clock) judges expirations; ``mono`` (default: ``now``) is the
+        timeline of the ``due`` times given to add() and release()."""
+        self._promote(now if mono is None else mono)
         for scanned, job_id in enumerate(self._ready):
             if scanned >= SCAN_LIMIT:
                 break

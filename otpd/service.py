@@ -244,10 +244,10 @@ class Service:
         )
         msg = replace(msg, otp_reference=cmd.reference)
         otp_row = NewOtp(cmd.reference, receiver, salt, digest, now, expires_at)
-        inserted = await self.store.insert_message(msg, otp_row)
-        if isinstance(inserted, Duplicate):
-            return _duplicate_response(name, cmd, inserted)
-        return await self._deliver(name, cmd, inserted.id, msg, text, wait, on_stored)
+        queued = await self._store_and_submit(msg, text, otp_row)
+        if isinstance(queued, Duplicate):
+            return _duplicate_response(name, cmd, queued)
+        return await self._deliver(name, cmd, queued, wait, on_stored)
 
     async def _send(
         self, name: str, cmd: SendSms | SendEmail | SendMessage, wait: float,
@@ -266,26 +266,41 @@ class Service:
             expires_at=expires_at,
             dedupe_key=_dedupe_key(cmd, receiver),
         )
-        inserted = await self.store.insert_message(msg)
-        if isinstance(inserted, Duplicate):
-            return _duplicate_response(name, cmd, inserted)
-        return await self._deliver(name, cmd, inserted.id, msg, cmd.message, wait, on_stored)
+        queued = await self._store_and_submit(msg, cmd.message)
+        if isinstance(queued, Duplicate):
+            return _duplicate_response(name, cmd, queued)
+        return await self._deliver(name, cmd, queued, wait, on_stored)
+
+    async def _store_and_submit(
+        self, msg: NewMessage, text: str, otp_row: NewOtp | None = None
+    ) -> asyncio.Future[Result | None] | Duplicate:
+        """Store the message, then hand it to the delivery engine, in a task of its
+        own: a caller cancelled in between (aio-pika cancels its delivery tasks when
+        the channel closes) must not leave a stored message that the engine never
+        got. It would wait for the next restart, and the broker's redelivery of it
+        would be answered as a duplicate."""
+
+        async def run() -> asyncio.Future[Result | None] | Duplicate:
+            inserted = await self.store.insert_message(msg, otp_row)
+            if isinstance(inserted, Duplicate):
+                return inserted
+            job = Job(id=inserted.id, channel=msg.channel, receiver=msg.receiver,
+                      subject=msg.subject, text=text, expires_at=msg.expires_at, attempts=0,
+                      created_at=msg.created_at)
+            return await self.engine.submit(job)
+
+        return await asyncio.shield(run())
 
     async def _deliver(
         self,
         name: str,
         cmd: RequestOtp | SendSms | SendEmail | SendMessage,
-        message_id: int,
-        msg: NewMessage,
-        text: str,
+        fut: asyncio.Future[Result | None],
         wait: float,
         on_stored: OnStored | None,
     ) -> Response:
         if on_stored is not None:
             await on_stored()
-        job = Job(id=message_id, channel=msg.channel, receiver=msg.receiver, subject=msg.subject,
-                  text=text, expires_at=msg.expires_at, attempts=0, created_at=msg.created_at)
-        fut = await self.engine.submit(job)
         try:
             result = await asyncio.wait_for(asyncio.shield(fut), wait) if wait > 0 else None
         except TimeoutError:

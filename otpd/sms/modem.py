@@ -3,6 +3,27 @@
 The port is opened with pyserial (termios setup, exclusive lock) and then
 driven through its file descriptor on the event loop, so no thread is needed.
 Only one AT exchange runs at a time (``asyncio.Lock``).
+
+Stored copies. Some modems keep a copy of every part they send in the SMS
+storage (STO SENT), other software leaves some (STO UNSENT), and a full
+storage makes a modem refuse to send (``+CMS ERROR: 322``) and to receive. A
+sweep (``cleanup_sent``: ``AT+CMGL=2``, ``AT+CMGL=3``, one ``AT+CMGD`` per
+copy, ``AT+CPMS?``) deletes them and never touches received messages, but it
+costs several exchanges, tens of milliseconds each on a real modem, so the
+driver does not sweep after every send. It sweeps:
+
+- at ``open()``, and right after the first send after ``open()``: that sweep
+  also learns whether this modem keeps copies of what it sends;
+- a modem that keeps copies: right after a send only when the next message
+  (up to ``max_parts`` parts) might not fit in the slots that were free at the
+  last sweep (after every send if ``AT+CPMS?`` does not tell), and otherwise
+  when the modem is idle (the pool calls
+  ``cleanup_sent`` once ``idle_sweep_at()`` has passed; ``sweep_wanted`` tells
+  it a send left copies behind);
+- a modem that keeps none: when idle after every ``RECHECK_PARTS`` parts, in
+  case it keeps some after all (e.g. failed sends as STO UNSENT);
+- and whatever slips through: a send refused with "memory full" sweeps and is
+  retried once on the same modem.
 """
 
 from __future__ import annotations
@@ -42,6 +63,10 @@ log = logging.getLogger(__name__)
 _NOT_READY = {(FinalKind.CME, 14), (FinalKind.CME, 515), (FinalKind.CMS, 314)}
 # Send failures that no other modem or later attempt can fix.
 PERMANENT_CMS = frozenset({1, 96, 195})
+# "Memory full": the SMS storage has no free slot (CMS 322, CME 20).
+_STORAGE_FULL = {(FinalKind.CMS, 322), (FinalKind.CME, 20)}
+# A modem that kept no copy of a sent part is still swept (when idle) after this many.
+RECHECK_PARTS = 50
 _RESTART_URCS = ("RDY", "^SYSSTART")
 
 
@@ -160,6 +185,14 @@ class Modem:
         self._lost: str | None = None
         self._ref = random.randrange(256)
         self._ussd: asyncio.Future[str] | None = None
+        # Stored-copy bookkeeping (see the module docstring).
+        self.sweep_wanted = asyncio.Event()  # a send left copies for an idle-time sweep
+        self._sweep_lock = asyncio.Lock()
+        self._parts_since_sweep = 0
+        self._keeps_copies: bool | None = None  # None: not learned since open()
+        self._free_slots: int | None = None  # at the last sweep; None: unknown
+        self._sending = 0
+        self._last_send_end = 0.0
 
     # --- port ------------------------------------------------------------------------
 
@@ -365,6 +398,11 @@ class Modem:
         if self.pin_rejected:
             raise PinError("the SIM rejected the configured PIN; fix the PIN and restart")
         await self.open_port()
+        # Another modem (or SIM) may be behind the port now: learn its storage again.
+        self._keeps_copies = None
+        self._free_slots = None
+        self._parts_since_sweep = 0
+        self.sweep_wanted.clear()
         try:
             await self._initialise()
         except BaseException:
@@ -515,7 +553,25 @@ class Modem:
         return found
 
     async def cleanup_sent(self) -> int:
-        """Delete every stored outgoing message (STO UNSENT, STO SENT); never received ones."""
+        """Delete every stored outgoing message (STO UNSENT, STO SENT); never received ones.
+
+        One sweep at a time: a second one would delete by a stale listing, and an
+        index freed by the first may hold a newly received message by then."""
+        async with self._sweep_lock:
+            parts, self._parts_since_sweep = self._parts_since_sweep, 0
+            self.sweep_wanted.clear()
+            try:
+                deleted = await self._sweep()
+            except BaseException:
+                self._parts_since_sweep += parts  # nothing learned: sweep again later
+                raise
+            if parts:
+                self._keeps_copies = deleted > 0
+        if deleted:
+            log.info("modem %s: deleted %d stored outgoing message(s)", self.name, deleted)
+        return deleted
+
+    async def _sweep(self) -> int:
         deleted = 0
         for stat in (2, 3):
             for index, listed_stat, _ in await self._listing(stat):
@@ -527,9 +583,43 @@ class Modem:
                 else:
                     log.warning("modem %s: cannot delete stored message %d: %s", self.name,
                                 index, reply.final.describe())
-        if deleted:
-            log.info("modem %s: deleted %d stored outgoing message(s)", self.name, deleted)
+        self._free_slots = await self._free_storage()
         return deleted
+
+    async def _free_storage(self) -> int | None:
+        """Free slots in the storage sent messages go to (``<mem2>`` of AT+CPMS?)."""
+        reply = await self.exchange("AT+CPMS?")
+        for value in reply.prefixed("+CPMS:"):
+            # '"SM",used,total' for <mem1>, then <mem2> and <mem3> where supported.
+            f = _fields(value)
+            at = 4 if len(f) >= 6 else 1
+            used, total = (_int(f[at]), _int(f[at + 1])) if len(f) > at + 1 else (None, None)
+            if used is not None and total:
+                return max(total - used, 0)
+        return None
+
+    def sweep_due(self) -> bool:
+        """Stored copies may be waiting for a sweep."""
+        if not self.settings.delete_sent or self._parts_since_sweep == 0:
+            return False
+        return self._keeps_copies is not False or self._parts_since_sweep >= RECHECK_PARTS
+
+    def idle_sweep_at(self, idle: float) -> float | None:
+        """Loop time after which a due sweep can run (``idle`` s after the last send)."""
+        if self._sending or not self.sweep_due():
+            return None
+        return self._last_send_end + idle
+
+    def _sweep_now(self) -> bool:
+        """Right after a send: must the sweep run before the next send?"""
+        if not self.settings.delete_sent or self._parts_since_sweep == 0:
+            return False
+        if self._keeps_copies is None:
+            return True  # the first send since open(): learn whether copies are kept
+        if not self._keeps_copies:
+            return False
+        free = self._free_slots
+        return free is None or self._parts_since_sweep + self.settings.max_parts > free
 
     async def read_incoming(self) -> list[Incoming]:
         """Unread received messages (the modem marks them read; they stay stored)."""
@@ -569,18 +659,24 @@ class Modem:
         )
         refs: list[int] = []
         healthy = True
+        self._sending += 1
         try:
             for part in parts:
+                self._parts_since_sweep += 1  # even a refused part may leave a copy
                 refs.append(await self._send_part(part))
         except (AtTimeout, PortError):
             healthy = False
             raise
         finally:
-            if self.settings.delete_sent and healthy:
+            self._sending -= 1
+            self._last_send_end = asyncio.get_running_loop().time()
+            if healthy and self._sweep_now():
                 try:
                     await self.cleanup_sent()
                 except ModemError as exc:
                     log.warning("modem %s: cleanup after sending failed: %s", self.name, exc)
+            elif self.sweep_due():
+                self.sweep_wanted.set()
         log.info("modem %s: sent %d part(s) to %s (mr %s)", self.name, len(parts),
                  mask(receiver), ",".join(map(str, refs)))
         return refs
@@ -589,6 +685,7 @@ class Modem:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timing.not_ready
         smsc_fixed = False
+        swept = not self.settings.delete_sent  # never delete what the user keeps
         delay = 0.2
         while True:
             reply = await self.exchange(
@@ -602,6 +699,11 @@ class Modem:
             if (final.kind, final.code) in _NOT_READY and loop.time() < deadline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+                continue
+            if (final.kind, final.code) in _STORAGE_FULL and not swept:
+                swept = True
+                log.warning("modem %s: SMS storage full; deleting stored copies", self.name)
+                await self.cleanup_sent()
                 continue
             if final.kind is FinalKind.CMS and final.code == 330 and not smsc_fixed:
                 smsc_fixed = True

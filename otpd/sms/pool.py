@@ -1,10 +1,12 @@
 """The SMS channel: a pool of modems, one worker each, with routing and failover.
 
 Each modem has two tasks. The supervisor opens and initialises it, watches
-its health, takes it out of rotation when it fails and probes it back with
-backoff. The worker takes the next job the moment the modem is free; the
-``accept`` filter it gives the engine does the routing (receiver prefixes,
-modems that already failed a job go last).
+its health, sweeps stored copies of sent messages while the modem is idle,
+takes it out of rotation when it fails and probes it back with backoff. The
+worker takes the next job the moment the modem is free; the ``accept`` filter
+it gives the engine does the routing (receiver prefixes, modems that already
+failed a job go last). The worker records an outcome while it already waits
+for (and sends) the next job, so the modem never idles on the store's commit.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class ModemPool:
         self._source: WorkSource | None = None
         # job id -> modems that failed it: another modem gets it first.
         self._failed_by: OrderedDict[int, set[str]] = OrderedDict()
+        self._recording: set[asyncio.Task[None]] = set()  # outcomes being written
 
     # --- Channel protocol ----------------------------------------------------------
 
@@ -135,6 +138,9 @@ class ModemPool:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Never cancelled: an outcome not recorded means a delivered message is
+            # sent again after a restart.
+            await asyncio.gather(*self._recording, return_exceptions=True)
             for slot in self._slots:
                 await slot.modem.close()
 
@@ -261,25 +267,43 @@ class ModemPool:
     async def _watch(self, slot: _Slot) -> str:
         """Return (with a reason) when the modem must be taken out and reset."""
         modem = slot.modem
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time() + self.settings.refresh_interval
+        sweep_hold = 0.0  # after a sweep that timed out: not before the next refresh
         while True:
+            wake_at = next_refresh
+            sweep_at = modem.idle_sweep_at(self.settings.idle_sweep_delay)
+            if sweep_at is not None:
+                wake_at = min(wake_at, max(sweep_at, sweep_hold))
             trouble = asyncio.ensure_future(slot.trouble.wait())
             incoming = asyncio.ensure_future(modem.incoming_waiting.wait())
-            waiters = {trouble, incoming} if slot.settings.read_inbox else {trouble}
+            sweep = asyncio.ensure_future(modem.sweep_wanted.wait())
+            waiters = {trouble, sweep}
+            if slot.settings.read_inbox:
+                waiters.add(incoming)
             try:
-                await asyncio.wait(waiters, timeout=self.settings.refresh_interval,
+                await asyncio.wait(waiters, timeout=max(wake_at - loop.time(), 0.0),
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
-                trouble.cancel()
-                incoming.cancel()
+                for waiter in (trouble, incoming, sweep):
+                    waiter.cancel()
             if slot.trouble.is_set():
                 return slot.trouble_reason
+            modem.sweep_wanted.clear()  # seen: the sweep time is recomputed above
             try:
-                if slot.settings.read_inbox and modem.incoming_waiting.is_set():
-                    await self._read_inbox(slot)
-                else:
+                now = loop.time()
+                if now >= next_refresh:
+                    next_refresh = now + self.settings.refresh_interval
                     await modem.refresh()
                     if slot.settings.read_inbox:
                         await self._read_inbox(slot)
+                elif slot.settings.read_inbox and modem.incoming_waiting.is_set():
+                    await self._read_inbox(slot)
+                sweep_at = modem.idle_sweep_at(self.settings.idle_sweep_delay)
+                if sweep_at is not None and loop.time() >= max(sweep_at, sweep_hold):
+                    sweep_hold = next_refresh
+                    await modem.cleanup_sent()
+                    sweep_hold = 0.0
             except AtTimeout:
                 if not await modem.ping():
                     return "stopped answering"
@@ -288,7 +312,6 @@ class ModemPool:
             except Exception as exc:  # a bug must not stop supervising the modem
                 log.exception("modem %s: unexpected error while checking it", slot.name)
                 return f"internal error {exc!r}"
-
 
     async def _read_inbox(self, slot: _Slot) -> None:
         for item in await slot.modem.read_incoming():
@@ -309,16 +332,29 @@ class ModemPool:
     async def _work(self, slot: _Slot) -> None:
         assert self._source is not None
         source = self._source
+        accept = functools.partial(self._accept, slot)
+        recording: asyncio.Task[None] | None = None
         while True:
-            job = await source.take(accept=functools.partial(self._accept, slot))
+            job = await source.take(accept=accept)
             outcome = await self._deliver(slot, job)
             if isinstance(outcome, Delivered | Failed):
                 self._failed_by.pop(job.id, None)
-            try:
-                await source.finish(job, outcome)
-            except Exception:
-                log.exception("modem %s: recording the outcome of message %d failed",
-                              slot.name, job.id)
+            if recording is not None:
+                await asyncio.shield(recording)  # at most one outcome in flight per modem
+            # Recorded while this worker already takes the next job: the store's
+            # commit (an fsync) overlaps the next send. run() waits for it on stop.
+            recording = asyncio.create_task(self._record(slot, source, job, outcome),
+                                            name=f"sms-finish-{slot.name}")
+            self._recording.add(recording)
+            recording.add_done_callback(self._recording.discard)
+
+    @staticmethod
+    async def _record(slot: _Slot, source: WorkSource, job: Job, outcome: Outcome) -> None:
+        try:
+            await source.finish(job, outcome)
+        except Exception:
+            log.exception("modem %s: recording the outcome of message %d failed",
+                          slot.name, job.id)
 
     async def _deliver(self, slot: _Slot, job: Job) -> Outcome:
         if slot.state is not State.READY:

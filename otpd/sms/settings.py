@@ -41,6 +41,9 @@ class SmsSettings:
     refresh_interval: float = 60.0  # s between signal/registration checks of an idle modem
     not_ready_timeout: float = 20.0  # s to wait out "SIM busy" answers
     cpin_grace: float = 2.0  # s to wait for the OK some modems never send after +CPIN:
+    # s without a send before a modem's stored copies are swept (see otpd.sms.modem);
+    # not a configuration key: the default suits every modem, tests shorten it.
+    idle_sweep_delay: float = 2.0
 
 
 def parse_sms_settings(

@@ -134,7 +134,11 @@ class ModemSimulator:
         self.resets = 0
         self.fault: str | None = None
         self.fault_code = 500
+        self._fault_after: int | None = None  # parts still sent before the fault starts
+        self._pending_fault: str | None = None
         self.on_sent: Callable[[SentMessage], None] | None = None
+        # Called with each command line the moment it is complete (benchmarks time it).
+        self.on_command: Callable[[str], None] | None = None
 
         self._locked = bool(pin)
         self._puk = False
@@ -210,13 +214,22 @@ class ModemSimulator:
 
     # --- fault injection ----------------------------------------------------------
 
-    def set_fault(self, kind: str | None, *, code: int = 500) -> None:
+    def set_fault(self, kind: str | None, *, code: int = 500, after_parts: int = 0) -> None:
         """``hang``: answer nothing; ``error``: sends fail with ``+CMS ERROR: code``;
-        ``not_ready``: SIM commands answer ``+CME ERROR: 14``; None clears."""
+        ``not_ready``: SIM commands answer ``+CME ERROR: 14``; None clears.
+
+        ``after_parts``: that many more parts are sent normally, then the fault
+        starts in the middle of the next send, after its prompt and PDU (a
+        ``hang`` there is a modem that stops while the message is on its way)."""
         if kind is not None and kind not in _FAULTS:
             raise ValueError(f"unknown fault {kind!r}; known: {', '.join(_FAULTS)}")
-        self.fault = kind
+        if after_parts < 0:
+            raise ValueError("after_parts must be >= 0")
         self.fault_code = code
+        if kind is not None and after_parts:
+            self.fault, self._pending_fault, self._fault_after = None, kind, after_parts
+        else:
+            self.fault, self._pending_fault, self._fault_after = kind, None, None
 
     def clear_fault(self) -> None:
         self.set_fault(None)
@@ -341,6 +354,8 @@ class ModemSimulator:
             if not text:
                 continue
             self.commands.append(text)
+            if self.on_command is not None:
+                self.on_command(text)
             if self.fault == "hang":
                 continue
             if self.echo:
@@ -668,6 +683,15 @@ class ModemSimulator:
         if not self.smsc_written or not self.smsc:
             self._cms(330)
             return False
+        if self.store_sent and prefix == "+CMGS" and len(self.storage) >= self.capacity:
+            self._cms(322)  # no slot for the copy it keeps: refuses to send
+            return False
+        if self._fault_after is not None:
+            if self._fault_after == 0:
+                self.fault, self._pending_fault, self._fault_after = (
+                    self._pending_fault, None, None)
+            else:
+                self._fault_after -= 1
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fault == "hang":
@@ -682,7 +706,7 @@ class ModemSimulator:
         self._mr = (self._mr + 1) % 256
         self._record(hex_pdu)
         if self.store_sent and prefix == "+CMGS":
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError):  # filled by an SMS received meanwhile
                 self.storage[self._free_index()] = Stored(_STO_SENT, hex_pdu)
         self._reply([f"{prefix}: {self._mr}"])
         return True

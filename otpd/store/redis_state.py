@@ -82,6 +82,10 @@ for i, key in ipairs(KEYS) do
   local limit = tonumber(ARGV[4 + (i - 1) * 4])
   local member = ARGV[5 + (i - 1) * 4]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  -- Stamped in the future (this node's clock went back): count them as now.
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, '(' .. now, '+inf')) do
+    redis.call('ZADD', key, now, m)
+  end
   local counted = member ~= '' and redis.call('ZSCORE', key, member)
   if not counted then
     local n = redis.call('ZCARD', key)

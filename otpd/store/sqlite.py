@@ -78,7 +78,12 @@ class SqliteStore:
 
     async def check_writable(self, *, local_only: bool = False) -> None:
         """A tiny real write, for readiness checks."""
-        await self._tx(lambda c: c.execute("UPDATE meta SET value = value WHERE key = 'schema'"))
+        # A changed value: SQLite skips writing a row that an UPDATE leaves as
+        # it was, so ``SET value = value`` would pass on a full disk.
+        stamp = secrets.token_hex(8)
+        await self._tx(lambda c: c.execute(
+            "INSERT INTO meta (key, value) VALUES ('write_probe', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (stamp,)))
 
     # -- outbox and OTPs -----------------------------------------------------
     async def insert_message(
@@ -287,6 +292,10 @@ class SqliteStore:
         def run(c: sqlite3.Connection) -> float:
             wait = 0.0
             for lim in limits:
+                # Stamped in the future: the clock went back. Such an event counts
+                # as happening now, so no window outlasts its length.
+                c.execute("UPDATE rate_events SET at = ? WHERE key = ? AND at > ?",
+                          (now, lim.key, now))
                 since = now - lim.window
                 if lim.member is not None and c.execute(
                     "SELECT 1 FROM rate_events WHERE key = ? AND member = ? AND at > ?",
