@@ -48,7 +48,7 @@ async def test_request_and_verify_otp_by_email(tmp_path: Path, smtp: SmtpServer,
         code = otp_from(smtp)
 
         # Params are bound into the hash: a different param1 is an invalid OTP.
-        verify = {"receiver": RECEIVER, "reference": "tx-1", "otp": code,
+        verify: dict[str, object] = {"receiver": RECEIVER, "reference": "tx-1", "otp": code,
                   "param1": "999", "param2": "1234567890"}
         _, body = await run.client.call("verify-otp", verify)
         assert body["response_code"] == "1202"

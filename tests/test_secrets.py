@@ -120,8 +120,8 @@ async def test_no_secret_in_logs_or_store(tmp_path: Path) -> None:
     assert all(len(c) >= 6 and c.isdigit() for c in codes), codes
     logged = log.read_bytes()
     # The search covered a log with every command in it, at debug level.
-    for command in (b"request-otp", b"verify-otp", b"send-sms", b"send-email", b"send-message"):
-        assert command in logged
+    for name in (b"request-otp", b"verify-otp", b"send-sms", b"send-email", b"send-message"):
+        assert name in logged
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("otpd.db*"))
     assert stored  # the database, and its WAL if still there
     secrets = [*codes, API_PASSWORD, SMTP_PASSWORD, f'"{SIM_PIN}"', f"={SIM_PIN}",
