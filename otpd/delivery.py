@@ -64,8 +64,11 @@ class ChannelQueue:
                     return p.job
                 next_due = self.jobs.next_due()
                 timeout = None if next_due is None else max(0.01, next_due - mono)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that lands with the wake-up, and stop() would hang.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.changed.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self.changed.wait()
 
     async def finish(self, job: Job, outcome: Outcome) -> None:
         await self.engine.finish(self, job, outcome)
@@ -254,7 +257,8 @@ class DeliveryEngine:
             sleep = _MAX_SWEEP_SLEEP if nxt is None else min(max(nxt - now, 0.01), _MAX_SWEEP_SLEEP)
             queue.sweep_now.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(queue.sweep_now.wait(), sleep)
+                async with asyncio.timeout(sleep):
+                    await queue.sweep_now.wait()
 
     @staticmethod
     def _expiry_result(channel: Channel, p: Pending) -> Result:

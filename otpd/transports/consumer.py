@@ -232,7 +232,8 @@ class Consumer(ABC):
             attempt += 1
             log.warning("%s: reconnecting in %.1f s (%s)", self.name, delay, self._last_error)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: see otpd/delivery.py
+                    await self._stopping.wait()
 
     def _set_connected(self, up: bool, detail: str = "") -> None:
         if up == self._connected:

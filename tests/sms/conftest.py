@@ -90,9 +90,11 @@ class FakeSource:
                     self.reserved.add(job_id)
                     return job
             self.changed.clear()
-            # Short wait: a delayed Retry becomes due without a wake().
+            # Short wait: a delayed Retry becomes due without a wake(). Not wait_for():
+            # on Python 3.11 it can swallow the cancellation that stops the pool.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), 0.05)
+                async with asyncio.timeout(0.05):
+                    await self.changed.wait()
 
     async def finish(self, job: Job, outcome: Outcome) -> None:
         self.outcomes.append((job, outcome))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from otpd.channel import Delivered, Failed, Retry
+from otpd.channel import Delivered, Failed, Job, Outcome, Retry
 from otpd.codes import Code
 from otpd.confread import Section
 from otpd.msisdn import mask
@@ -298,3 +298,132 @@ async def test_incoming_sms_reported_when_read_inbox(sims: Sims) -> None:
         await eventually(lambda: bool(got), what="incoming SMS")
     assert (got[0].modem, got[0].sender, got[0].text) == ("a", "+628111111111", "STOP")
     assert index in a.storage  # read, never deleted
+
+
+async def test_modem_hanging_mid_send_fails_over_and_comes_back(sims: Sims) -> None:
+    a: ModemSimulator = await sims("a")
+    b: ModemSimulator = await sims("b")
+    pool = ModemPool(pool_settings(
+        fast_settings("a", a.link, prefixes=("+62812",), send_timeout=0.3, command_timeout=0.2),
+        fast_settings("b", b.link), refresh_interval=30))
+    source = FakeSource()
+    text = "A long one-time password message that needs three parts. " * 7
+    async with running(pool, source):
+        await until_ready(pool, "a", "b")
+        a.set_fault("hang", after_parts=1)  # part 1 out, then silence after part 2's PDU
+        job = source.add("+628121234567", text)
+        await eventually(lambda: source.final(job) is not None, what="delivery")
+        first = source.outcomes[0][1]
+        assert isinstance(first, Retry) and "no answer" in first.reason and first.delay == 0
+        assert source.final(job) == Delivered(via="b", detail=source.final(job).detail)  # type: ignore[union-attr]
+        await eventually(lambda: state(pool, "a") == "down", what="a out of rotation")
+        a.clear_fault()
+        await until_ready(pool, "a")
+        again = source.add("+628129999999", "a again")
+        await eventually(lambda: source.final(again) is not None, what="second delivery")
+    assert sum(c.startswith("AT+CMGS=") for c in a.commands) >= 2  # hung on the 2nd part
+    assert [(m.text, m.parts) for m in b.sent] == [(text, 3)]
+    assert [m.text for m in a.sent] == ["a again"]  # the half-sent message never completed
+    assert source.final(again) == Delivered(via="a", detail=source.final(again).detail)  # type: ignore[union-attr]
+
+
+async def test_port_vanishing_mid_send_delivers_once_when_it_returns(sims: Sims) -> None:
+    a: ModemSimulator = await sims("a", delay=0.3)
+    pool = ModemPool(pool_settings(fast_settings("a", a.link)))
+    source = FakeSource()
+    async with running(pool, source):
+        await until_ready(pool, "a")
+        job = source.add("+628121234567", "unplugged while sending")
+        await eventually(lambda: any(c.startswith("AT+CMGS=") for c in a.commands),
+                         what="send started")
+        a.vanish()  # the modem dies before it answers: the SMS did not go out
+        await eventually(lambda: bool(source.outcomes), what="failed attempt")
+        assert isinstance(source.outcomes[0][1], Retry) and a.sent == []
+        await eventually(lambda: state(pool, "a") == "down", what="a down")
+        a.delay = 0.0
+        a.reappear()
+        await eventually(lambda: source.final(job) is not None, what="delivery after replug")
+    assert [m.text for m in a.sent] == ["unplugged while sending"]
+    assert source.final(job) == Delivered(via="a", detail=source.final(job).detail)  # type: ignore[union-attr]
+
+
+async def test_storage_full_recovered_on_the_same_modem(sims: Sims) -> None:
+    a: ModemSimulator = await sims("a", store_sent=True, capacity=5)
+    b: ModemSimulator = await sims("b")
+    pool = ModemPool(pool_settings(fast_settings("a", a.link, prefixes=("+62812",)),
+                                   fast_settings("b", b.link)))
+    source = FakeSource()
+    async with running(pool, source):
+        await until_ready(pool, "a", "b")
+        unread = a.inject_incoming("+628111111111", "keep me")
+        while len(a.storage) < a.capacity:
+            a.store_submit("+628122222222", "copy")
+        job = source.add("+628121234567", "storage was full")
+        await eventually(lambda: source.final(job) is not None, what="delivery")
+    assert [o for _, o in source.outcomes] == [source.final(job)]  # no failed attempt
+    assert source.final(job) == Delivered(via="a", detail=source.final(job).detail)  # type: ignore[union-attr]
+    assert [m.text for m in a.sent] == ["storage was full"] and b.sent == []
+    assert unread in a.storage and a.storage[unread].stat == 0
+
+
+async def test_storage_full_of_unread_messages_fails_over(sims: Sims) -> None:
+    a: ModemSimulator = await sims("a", store_sent=True, capacity=2)
+    b: ModemSimulator = await sims("b")
+    pool = ModemPool(pool_settings(fast_settings("a", a.link, prefixes=("+62812",)),
+                                   fast_settings("b", b.link)))
+    source = FakeSource()
+    async with running(pool, source):
+        await until_ready(pool, "a", "b")
+        kept = [a.inject_incoming("+628111111111", f"unread {i}") for i in range(2)]
+        job = source.add("+628121234567", "goes out through b")
+        await eventually(lambda: source.final(job) is not None, what="delivery")
+    first = source.outcomes[0][1]
+    assert isinstance(first, Retry) and "322" in first.reason
+    assert source.final(job) == Delivered(via="b", detail=source.final(job).detail)  # type: ignore[union-attr]
+    assert sorted(i for i, s in a.storage.items() if s.stat == 0) == kept
+
+
+async def test_idle_modem_sweeps_stored_copies(sims: Sims) -> None:
+    a: ModemSimulator = await sims("a", store_sent=True)
+    pool = ModemPool(pool_settings(fast_settings("a", a.link), idle_sweep_delay=0.5,
+                                   refresh_interval=30))
+    source = FakeSource()
+
+    def copies() -> list[int]:
+        return [i for i, s in a.storage.items() if s.stat in (2, 3)]
+
+    async with running(pool, source):
+        await until_ready(pool, "a")
+        unread = a.inject_incoming("+628111111111", "keep me")
+        jobs = [source.add("+628121234567", f"code {i}") for i in range(4)]
+        await eventually(lambda: all(source.final(j) for j in jobs), what="delivery")
+        # The first send was swept at once (to learn that copies are kept); the
+        # others' copies wait for an idle moment.
+        assert len(copies()) == 3
+        await eventually(lambda: not copies(), timeout=2.0, what="idle-time sweep")
+    assert len(a.sent) == 4 and a.storage[unread].stat == 0
+
+
+async def test_outcome_is_recorded_even_when_stopped_while_recording(sims: Sims) -> None:
+    a: ModemSimulator = await sims("a")
+    recording = asyncio.Event()
+
+    class SlowCommit(FakeSource):
+        async def finish(self, job: Job, outcome: Outcome) -> None:
+            recording.set()
+            await asyncio.sleep(0.2)  # a slow disk under the store
+            await super().finish(job, outcome)
+
+    pool = ModemPool(pool_settings(fast_settings("a", a.link)))
+    source = SlowCommit()
+    task = asyncio.create_task(pool.run(source))
+    await until_ready(pool, "a")
+    job = source.add("+628121234567", "sent just before shutdown")
+    async with asyncio.timeout(5):
+        await recording.wait()
+    task.cancel()  # otpd stops while the outcome is being written
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Recorded: a restart must not send it a second time.
+    assert source.final(job) == Delivered(via="a", detail=source.final(job).detail)  # type: ignore[union-attr]
+    assert [m.text for m in a.sent] == ["sent just before shutdown"]

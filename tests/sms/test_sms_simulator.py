@@ -112,6 +112,8 @@ async def test_unknown_profile_and_fault() -> None:
     sim = ModemSimulator(Path("/tmp/x"))
     with pytest.raises(ValueError, match="unknown fault"):
         sim.set_fault("explode")
+    with pytest.raises(ValueError, match="after_parts"):
+        sim.set_fault("hang", after_parts=-1)
 
 
 def test_cli_parsers() -> None:
