@@ -21,6 +21,7 @@ from otpd.ddns_settings import DdnsSettings
 from otpd.delivery import DeliveryEngine
 from otpd.errors import StartupError
 from otpd.htpasswd import HtpasswdError, HtpasswdFile
+from otpd.limits import SimQuota
 from otpd.mail import SmtpChannel
 from otpd.metrics import Metrics
 from otpd.otp import KeyFileError, load_or_create_key
@@ -52,12 +53,13 @@ class NoModems:
         return {"modems": []}
 
 
-def build_sms_channel(settings: Settings) -> Channel:
+def build_sms_channel(settings: Settings, store: Store) -> Channel:
     if not settings.sms.modems:
         return NoModems()
     from otpd.sms.pool import ModemPool
 
-    return ModemPool(settings.sms, country_code=settings.otp.country_code)
+    return ModemPool(settings.sms, country_code=settings.otp.country_code,
+                     quota=SimQuota(settings.limits, store))
 
 
 async def open_store(s: StoreSettings) -> Store:
@@ -98,7 +100,7 @@ class Daemon:
                                else f"otp.key_file: {s.otp.key_file}: {exc.strerror}") from exc
         self.store = await open_store(s.store)
         channels = self._channels or {
-            "sms": build_sms_channel(s),
+            "sms": build_sms_channel(s, self.store),
             "email": SmtpChannel(s.smtp, s.delivery.email_workers, s.delivery.retry_base,
                                  s.delivery.retry_max),
         }

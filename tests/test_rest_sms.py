@@ -154,3 +154,50 @@ async def test_message_waits_for_a_modem_that_comes_back(
     finally:
         await run.daemon.stop()
         await sim.stop()
+
+
+async def test_sim_daily_cap_moves_work_to_another_modem(
+        tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    a = ModemSimulator(tmp_path / "a", name="a", seed=5)
+    b = ModemSimulator(tmp_path / "b", name="b", seed=6)
+    await a.start()
+    config = write_config(tmp_path, modem_block("a", tmp_path / "a", '["0812"]')
+                          + modem_block("b", tmp_path / "b") + SMS_FAST, wait=2, limits="""
+        receiver_cooldown = 0
+        sim_daily_max = 2
+    """)
+    run = await start_daemon(config, session)
+    try:
+        await wait_ready(run, 1)
+        codes = []
+        for i in range(3):
+            _, body = await run.client.call("send-sms", {"receiver": f"0812000000{i}",
+                                                         "message": f"m{i}"})
+            codes.append(body["response_code"])
+        assert codes == ["0000", "0000", "1111"]  # the SIM's cap: the third waits
+        assert len(a.sent) == 2
+        await b.start()  # a second modem (another SIM) takes the waiting message
+        for _ in range(100):
+            if b.sent:
+                break
+            await asyncio.sleep(0.1)
+        assert [m.text for m in b.sent] == ["m2"] and len(a.sent) == 2
+    finally:
+        await run.daemon.stop()
+        await a.stop()
+        await b.stop()
+    # The count is kept in the store: after a restart the capped SIM still waits.
+    a = ModemSimulator(tmp_path / "a", name="a", seed=7)
+    await a.start()
+    run = await start_daemon(write_config(tmp_path, modem_block("a", tmp_path / "a")
+                                          + SMS_FAST, wait=1, limits="""
+        receiver_cooldown = 0
+        sim_daily_max = 2
+    """), session)
+    try:
+        await wait_ready(run, 1)
+        _, body = await run.client.call("send-sms", {"receiver": "08120000009", "message": "x"})
+        assert body["response_code"] == "1111" and not a.sent
+    finally:
+        await run.daemon.stop()
+        await a.stop()

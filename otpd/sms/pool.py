@@ -24,6 +24,7 @@ from typing import Any
 
 from otpd.channel import Delivered, Failed, Job, Outcome, Retry, WorkSource
 from otpd.codes import Code
+from otpd.limits import SimQuota
 from otpd.msisdn import InvalidReceiver, canonical_msisdn, mask
 from otpd.sms.modem import (
     AtTimeout,
@@ -39,6 +40,7 @@ from otpd.sms.modem import (
 )
 from otpd.sms.pdu import MessageTooLong
 from otpd.sms.settings import ModemSettings, SmsSettings
+from otpd.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,13 @@ class _Slot:
         self.failed = 0
         self.consecutive_failures = 0
         self.last_error = ""
+        self.quota_until = 0.0  # wall time when the SIM's daily/monthly cap allows sending again
+
+    @property
+    def sim(self) -> str:
+        """The SIM's quota key: its IMSI when known (it follows a SIM moved to
+        another modem), else the modem's name."""
+        return self.modem.info.imsi or f"modem:{self.name}"
 
     def report_trouble(self, reason: str) -> None:
         if self.state in _USABLE and not self.trouble.is_set():
@@ -102,7 +111,9 @@ class ModemPool:
         country_code: str = "",
         clock: Callable[[], float] = time.time,
         on_incoming: Callable[[IncomingSms], None] | None = None,
+        quota: SimQuota | None = None,
     ) -> None:
+        self.quota = quota
         self.settings = settings
         self.country_code = country_code
         self.clock = clock
@@ -120,7 +131,7 @@ class ModemPool:
         return any(s.settings.enabled for s in self._slots)
 
     def usable(self) -> bool:
-        return any(s.state in _USABLE for s in self._slots)
+        return any(self._can_send(s) for s in self._slots)
 
     async def run(self, source: WorkSource) -> None:
         self._source = source
@@ -196,10 +207,13 @@ class ModemPool:
         except InvalidReceiver:
             return job.receiver
 
+    def _can_send(self, slot: _Slot) -> bool:
+        return slot.state in _USABLE and slot.quota_until <= self.clock()
+
     def _accept(self, slot: _Slot, job: Job) -> bool:
-        if slot.state is not State.READY:
+        if slot.state is not State.READY or slot.quota_until > self.clock():
             return False
-        usable = [s for s in self._slots if s.state in _USABLE]
+        usable = [s for s in self._slots if self._can_send(s)]
         tried = self._failed_by.get(job.id, set())
         untried = [s for s in usable if s.name not in tried]
         if slot.name in tried and untried:
@@ -255,6 +269,7 @@ class ModemPool:
             info = slot.modem.info
             log.info("modem %s ready: %s %s, operator %r, csq %s", slot.name,
                      info.manufacturer, info.model, info.operator, info.csq)
+            await self._check_quota(slot)
             self._set_state(slot, State.READY)
             reason = await self._watch(slot)
             slot.last_error = reason
@@ -327,6 +342,38 @@ class ModemPool:
                 await modem.exchange("ATZ", slot.settings.command_timeout)
         await modem.close()
 
+    # --- SIM quotas -----------------------------------------------------------------
+
+    async def _check_quota(self, slot: _Slot) -> None:
+        if self.quota is None:
+            return
+        try:
+            wait = await self.quota.wait(slot.sim, self.clock())
+        except StoreError as exc:
+            log.error("modem %s: cannot read the SIM quota: %s", slot.name, exc)
+            return
+        self._quota_reached(slot, wait)
+
+    async def _count_parts(self, slot: _Slot, parts: int) -> None:
+        if self.quota is None:
+            return
+        try:
+            wait = await self.quota.record(slot.sim, parts, self.clock())
+        except StoreError as exc:
+            log.error("modem %s: cannot record the SIM quota: %s", slot.name, exc)
+            return
+        self._quota_reached(slot, wait)
+
+    def _quota_reached(self, slot: _Slot, wait: float) -> None:
+        if wait <= 0:
+            return
+        slot.quota_until = self.clock() + wait
+        log.warning("modem %s: the SIM reached its SMS cap (limits.sim_daily_max /"
+                    " sim_monthly_max); it sends again in %.0f s, other modems take its work",
+                    slot.name, wait)
+        self._wake()  # other workers' filters change now, and again when it lifts
+        asyncio.get_running_loop().call_later(wait + 0.01, self._wake)
+
     # --- worker --------------------------------------------------------------------
 
     async def _work(self, slot: _Slot) -> None:
@@ -395,6 +442,7 @@ class ModemPool:
                 slot.state = State.READY
         slot.sent += 1
         slot.consecutive_failures = 0
+        await self._count_parts(slot, len(refs))
         return Delivered(via=slot.name, detail="mr=" + ",".join(map(str, refs)))
 
     async def _failure(self, slot: _Slot, job: Job, reason: str) -> Retry:

@@ -8,6 +8,7 @@ that vanishes and comes back, quirks of real modem families (profiles).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import contextlib
 import json
 import logging
@@ -115,6 +116,9 @@ class ModemSimulator:
         self.profile: Profile = PROFILES[profile]
         self.pin = pin
         self.name = name or self.link.name
+        # Each simulated SIM its own IMSI (per-SIM quotas tell SIMs apart by it).
+        suffix = int(hashlib.sha256(self.name.encode()).hexdigest(), 16) % 10**6
+        self.imsi = f"{self.profile.imsi[:-6]}{suffix:06d}"
         self.store_sent = store_sent
         self.urc_during_submit = urc_during_submit
         self.urc_interval = self.profile.periodic_interval if urc_interval is None else urc_interval
@@ -525,7 +529,7 @@ class ModemSimulator:
         self._reply([f'+CGSN: "{imei}"' if self.profile.cgsn_prefixed else imei])
 
     async def _cmd_cimi(self, op: str, args: str) -> None:
-        self._reply([self.profile.imsi])
+        self._reply([self.imsi])
 
     async def _cmd_csca(self, op: str, args: str) -> None:
         if op == "?":
