@@ -8,8 +8,8 @@ that vanishes and comes back, quirks of real modem families (profiles).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import contextlib
+import hashlib
 import json
 import logging
 import os
