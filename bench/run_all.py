@@ -44,10 +44,11 @@ def run(script: list[str]) -> str:
                           capture_output=True, text=True, timeout=900)
     took = time.monotonic() - t0
     out = proc.stdout.strip()
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not out:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
         return f"_{script[0]} failed (exit {proc.returncode}):_\n\n```\n{tail}\n```\n"
-    return f"{out}\n\n_({script[0]}, {took:.0f} s)_\n"
+    missed = " — exit 1: a goal was missed, see above" if proc.returncode else ""
+    return f"{out}\n\n_({script[0]}, {took:.0f} s{missed})_\n"
 
 
 def main() -> None:
