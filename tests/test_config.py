@@ -133,3 +133,28 @@ def test_plain_http_refused_off_loopback() -> None:
     for ok in ('listen = "127.0.0.1:1"', 'listen = "[::1]:1"', 'listen = "localhost:1"',
                'listen = "0.0.0.0:1"\ntls_cert = "c"\ntls_key = "k"'):
         parse_settings(f"[server]\n{ok}\n")
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def check(config: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "otpd", "check-config", "--config",
+                               str(config)], capture_output=True, text=True, timeout=60)
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[smtp]]\nport = 70000\nsender = "a@b.c"\n')
+    out = check(bad)
+    assert out.returncode == 2 and "smtp[0].port: must be 1..65535" in out.stderr
+    good = tmp_path / "otpd.toml"
+    good.write_text(f'[server]\nusers_file = "{tmp_path / "users"}"\n'
+                    '[[smtp]]\nsender = "a@b.c"\npassword = "inline-secret"\n')
+    good.chmod(0o644)
+    out = check(good)
+    assert out.returncode == 0 and "OK" in out.stdout
+    assert "world-readable" in out.stderr and "smtp[0].password" in out.stderr
+    assert "inline-secret" not in out.stderr + out.stdout
+    good.chmod(0o640)
+    out = check(good)
+    assert out.returncode == 0 and "world-readable" not in out.stderr
