@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import socket
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import pytest
@@ -167,3 +168,24 @@ async def start_daemon(config: Path, session: aiohttp.ClientSession) -> Running:
 
 def services_required() -> bool:
     return os.environ.get("OTPD_REQUIRE_SERVICES") == "1"
+
+
+def service_unreachable(what: str, exc: BaseException | None = None) -> NoReturn:
+    """A broker the test needs is absent: skip on a user's machine, fail in CI."""
+    message = f"{what}: {type(exc).__name__}: {exc}" if exc is not None else what
+    if services_required():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0,
+                     what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something true; fail after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)

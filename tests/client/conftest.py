@@ -29,8 +29,9 @@ from tests.conftest import (
     API_USER,
     Running,
     SmtpServer,
-    services_required,
+    service_unreachable,
     start_daemon,
+    wait_until,
     write_config,
 )
 
@@ -55,13 +56,6 @@ def phone() -> str:
     return "0812" + str(uuid.uuid4().int)[:7]
 
 
-def _unreachable(what: str, exc: BaseException) -> None:
-    message = f"{what}: {type(exc).__name__}: {exc}"
-    if services_required():
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 async def check_service(method: str) -> None:
     """Skip (or fail) unless the broker the method needs answers."""
     if method == "amqp":
@@ -71,7 +65,7 @@ async def check_service(method: str) -> None:
             conn = await aio_pika.connect(RABBIT_URL, timeout=5)
             await conn.close()
         except Exception as exc:
-            _unreachable("RabbitMQ not reachable on 127.0.0.1:5672", exc)
+            service_unreachable("RabbitMQ not reachable on 127.0.0.1:5672", exc)
     elif method.startswith("redis"):
         from redis.asyncio import Redis
 
@@ -79,7 +73,7 @@ async def check_service(method: str) -> None:
         try:
             await client.ping()
         except Exception as exc:
-            _unreachable("Redis not reachable on 127.0.0.1:6379", exc)
+            service_unreachable("Redis not reachable on 127.0.0.1:6379", exc)
         finally:
             await client.aclose()
     elif method == "mqtt":
@@ -87,7 +81,7 @@ async def check_service(method: str) -> None:
             with socket.create_connection((MQTT_HOST, MQTT_PORT), timeout=2):
                 pass
         except OSError as exc:
-            _unreachable(f"Mosquitto not reachable on {MQTT_HOST}:{MQTT_PORT}", exc)
+            service_unreachable(f"Mosquitto not reachable on {MQTT_HOST}:{MQTT_PORT}", exc)
 
 
 @pytest.fixture
@@ -213,18 +207,6 @@ class Gateway:
 
         await wait_until(lambda: bool(found()), timeout, f"mail to {address}")
         return found()[0]
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0,
-                     what: str = "condition") -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def code_in(text: str) -> str:

@@ -48,7 +48,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
 from otpd import control
-from tests.conftest import Client, free_port, services_required
+from tests.conftest import Client, free_port, service_unreachable
 
 T = TypeVar("T")
 
@@ -90,9 +90,7 @@ def unique(prefix: str) -> str:
 
 def unavailable(what: str) -> NoReturn:
     """Skip with ``what`` as the reason, or fail when services are required (CI)."""
-    if services_required():
-        pytest.fail(what)
-    pytest.skip(what)
+    service_unreachable(what)
 
 
 def require_binary(name: str) -> str:

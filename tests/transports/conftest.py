@@ -11,7 +11,7 @@ import socket
 import time
 import tomllib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -26,7 +26,14 @@ from otpd.htpasswd import hash_password
 from otpd.store import StoreError
 from otpd.transports.consumer import Consumer, build_consumers
 from otpd.transports.settings import BrokerSettings, parse_broker_settings
-from tests.conftest import Running, SmtpServer, services_required, start_daemon, write_config
+from tests.conftest import (
+    Running,
+    SmtpServer,
+    service_unreachable,
+    start_daemon,
+    wait_until,
+    write_config,
+)
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -35,13 +42,6 @@ MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
 # user name as the password).
 OTPD_USER, OTPD_PASSWORD = "otpd", "pi:pass"
 APP_USER = "kamshory"
-
-
-def _unreachable(what: str, exc: BaseException) -> None:
-    message = f"{what}: {type(exc).__name__}: {exc}"
-    if services_required():
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 # RabbitMQ is shared, and some tests restart it (rabbitmqctl stop_app / start_app):
@@ -57,7 +57,7 @@ def _tcp_check(name: str, host: str, port: int, grace: float = 0.0) -> None:
                 return
         except OSError as exc:
             if time.monotonic() >= deadline:
-                _unreachable(f"{name} not reachable on {host}:{port}", exc)
+                service_unreachable(f"{name} not reachable on {host}:{port}", exc)
                 return
         time.sleep(0.2)
 
@@ -79,7 +79,7 @@ async def rabbit() -> str:
             return RABBIT_URL
         except Exception as exc:
             if time.monotonic() >= deadline:
-                _unreachable("RabbitMQ not reachable on 127.0.0.1:5672", exc)
+                service_unreachable("RabbitMQ not reachable on 127.0.0.1:5672", exc)
                 return RABBIT_URL
         await asyncio.sleep(0.2)
 
@@ -92,7 +92,7 @@ async def redis_url() -> str:
     try:
         await client.ping()
     except Exception as exc:
-        _unreachable("Redis not reachable on 127.0.0.1:6379", exc)
+        service_unreachable("Redis not reachable on 127.0.0.1:6379", exc)
     finally:
         await client.aclose()
     return REDIS_URL
@@ -138,18 +138,6 @@ def broker_settings(toml: str) -> BrokerSettings:
     if errors:
         raise ConfigError(errors)
     return settings
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0,
-                     what: str = "condition") -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def command(name: str, data: dict[str, Any], **top: Any) -> bytes:

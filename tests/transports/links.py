@@ -34,7 +34,7 @@ from websockets.asyncio.client import connect
 from otpd.broker import BrokerConfig, BrokerServer
 from otpd.sms.simulator import ModemSimulator, SentMessage
 from otpd.transports.consumer import Consumer
-from tests.conftest import Running, SmtpServer, start_daemon, write_config
+from tests.conftest import Running, SmtpServer, start_daemon, wait_until, write_config
 from tests.transports.conftest import (
     APP_USER,
     MQTT_HOST,
@@ -45,7 +45,6 @@ from tests.transports.conftest import (
     REDIS_URL,
     command,
     unique,
-    wait_until,
 )
 
 # Fast reconnects, so that restarts and kills are noticed and healed quickly; a

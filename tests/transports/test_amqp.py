@@ -13,7 +13,8 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from otpd.transports.amqp import AmqpConsumer
-from tests.transports.conftest import Gateway, command, otp_in, receiver, unique, wait_until
+from tests.conftest import wait_until
+from tests.transports.conftest import Gateway, command, otp_in, receiver, unique
 
 pytestmark = pytest.mark.services
 

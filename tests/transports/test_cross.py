@@ -13,7 +13,8 @@ from aio_pika.abc import AbstractConnection
 from redis.asyncio import Redis
 
 from otpd.transports.signing import sign
-from tests.transports.conftest import Gateway, command, receiver, unique, wait_until
+from tests.conftest import wait_until
+from tests.transports.conftest import Gateway, command, receiver, unique
 from tests.transports.test_amqp import php_reply, publish_like_php
 from tests.transports.test_redis import php_request
 

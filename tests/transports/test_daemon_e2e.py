@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import SmtpServer
+from tests.conftest import SmtpServer, wait_until
 from tests.transports.conftest import (
     MQTT_HOST,
     MQTT_PORT,
@@ -23,7 +23,6 @@ from tests.transports.conftest import (
     receiver,
     require_tcp,
     unique,
-    wait_until,
 )
 from tests.transports.links import (
     AmqpLink,

@@ -17,7 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from otpd.transports.mqtt import MqttConsumer
-from tests.conftest import SmtpServer
+from tests.conftest import SmtpServer, wait_until
 from tests.transports.conftest import (
     MQTT_HOST,
     MQTT_PORT,
@@ -26,7 +26,6 @@ from tests.transports.conftest import (
     otp_in,
     receiver,
     unique,
-    wait_until,
 )
 from tests.transports.links import MqttLink, Node, Peer, forget_session, start_node
 from tests.transports.servers import Process, own_mosquitto, self_signed

@@ -11,7 +11,8 @@ import pytest
 from redis.asyncio import Redis
 
 from otpd.transports.redis_consumer import RedisConsumer
-from tests.transports.conftest import Gateway, command, otp_in, receiver, unique, wait_until
+from tests.conftest import wait_until
+from tests.transports.conftest import Gateway, command, otp_in, receiver, unique
 
 pytestmark = pytest.mark.services
 

@@ -13,6 +13,7 @@ from websockets.asyncio.client import connect
 
 from otpd.broker import BrokerConfig, BrokerServer
 from otpd.transports.ws import WsConsumer, topic_url
+from tests.conftest import wait_until
 from tests.transports.conftest import (
     APP_USER,
     OTPD_PASSWORD,
@@ -22,7 +23,6 @@ from tests.transports.conftest import (
     otp_in,
     receiver,
     unique,
-    wait_until,
 )
 from tests.transports.servers import self_signed
 
