@@ -49,6 +49,7 @@ from websockets.asyncio.client import connect
 
 from otpd import control
 from tests.conftest import Client, free_port, service_unreachable
+from tests.transports.servers import Process, own_server
 
 T = TypeVar("T")
 
@@ -324,60 +325,27 @@ def mqtt_broker() -> tuple[str, int]:
     return MQTT_HOST, MQTT_PORT
 
 
+OwnServer = Process  # the name the fault tests use
+
+
 # -- broker servers of the test's own -------------------------------------------------------
 
 
-class OwnServer:
-    """A broker process on a spare port, to stop and start at will."""
-
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
-        self.argv, self.port, self.log = argv, port, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.argv[0]} exited: {self.log.read_text()[-2000:]}")
-            if port_open("127.0.0.1", self.port, 0.2):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"{self.argv[0]} is not listening on {self.port}")
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(15)
-        self.proc = None
-
-
-def _own(binary: str, argv: list[str], port: int, log: Path) -> Iterator[OwnServer]:
-    require_binary(binary)
-    server = OwnServer(argv, port, log)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(signal.SIGKILL)
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnServer]:
+def own_redis(tmp_path: Path) -> Iterator[Process]:
     port = free_port()
     data = tmp_path / "redis-data"
     data.mkdir()
     # appendfsync always: an entry is on disk before XADD returns its id, so a
     # confirmed entry survives even a SIGKILL of the server.
-    yield from _own("redis-server", [
+    yield from own_server("redis-server", [
         "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
         "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data)],
         port, tmp_path / "redis.log")
 
 
 @pytest.fixture
-def own_mosquitto(tmp_path: Path) -> Iterator[OwnServer]:
+def own_mosquitto(tmp_path: Path) -> Iterator[Process]:
     port = free_port()
     data = tmp_path / "mosquitto-data"
     data.mkdir()
@@ -394,7 +362,7 @@ def own_mosquitto(tmp_path: Path) -> Iterator[OwnServer]:
         autosave_interval 1
         max_queued_messages 0
     """))
-    yield from _own("mosquitto", ["mosquitto", "-c", str(conf)], port,
+    yield from own_server("mosquitto", ["mosquitto", "-c", str(conf)], port,
                     tmp_path / "mosquitto.log")
 
 
