@@ -48,6 +48,7 @@ class ChannelQueue:
         self.jobs = JobQueue()
         self.changed = asyncio.Condition()
         self.sweep_now = asyncio.Event()
+        self.sweep_at = 0.0  # when the sweeper looks next (wall clock)
 
     # -- WorkSource ----------------------------------------------------------
     async def take(self, accept: Callable[[Job], bool] | None = None) -> Job:
@@ -80,7 +81,12 @@ class ChannelQueue:
     async def notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()
-        self.sweep_now.set()
+
+    def expires(self, at: float) -> None:
+        """A job expiring at ``at`` joined: wake the sweeper only if it would
+        look too late (not on every submit: that is a hot path)."""
+        if at < self.sweep_at:
+            self.sweep_now.set()
 
 
 class DeliveryEngine:
@@ -177,7 +183,9 @@ class DeliveryEngine:
 
     def _add(self, job: Job, delay: float) -> None:
         mono = self.monotonic()
-        self.queues[job.channel].jobs.add(job, mono + delay, mono)
+        queue = self.queues[job.channel]
+        queue.jobs.add(job, mono + delay, mono)
+        queue.expires(job.expires_at)
 
     async def _job_from_row(self, row: MessageRow) -> Job | None:
         if row.channel not in self.queues or row.sealed is None:
@@ -219,6 +227,7 @@ class DeliveryEngine:
             pending.job = _with_attempts(job, attempts)
             pending.last_error = outcome.reason
             queue.jobs.release(pending, mono + delay, mono)
+            queue.expires(job.expires_at)
             log.info("message %d to %s: retry in %.1fs (%s)", job.id, mask(job.receiver),
                      max(outcome.delay, 0.0), outcome.reason)
             try:
@@ -256,6 +265,7 @@ class DeliveryEngine:
             nxt = queue.jobs.next_expiry()
             sleep = _MAX_SWEEP_SLEEP if nxt is None else min(max(nxt - now, 0.01), _MAX_SWEEP_SLEEP)
             queue.sweep_now.clear()
+            queue.sweep_at = now + sleep
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(sleep):
                     await queue.sweep_now.wait()
@@ -304,6 +314,7 @@ class DeliveryEngine:
                 mono = self.monotonic()
                 for p in [p for p in queue.jobs if p.reserved]:
                     queue.jobs.release(p, mono, mono)
+                    queue.expires(p.job.expires_at)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 

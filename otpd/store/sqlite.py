@@ -55,16 +55,25 @@ _SELECT_PENDING = (
 
 
 class SqliteStore:
-    def __init__(self, writer: GroupCommitWriter, path: Path) -> None:
+    def __init__(self, writer: GroupCommitWriter, path: Path, blocked: set[str]) -> None:
         self._writer = writer
         self.path = path
+        # This process is the database's only writer, so the block list can be
+        # answered from memory: every send checks it, without a thread hop.
+        self._blocked = blocked
 
     # -- life cycle ----------------------------------------------------------
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
         writer = GroupCommitWriter(lambda: _connect(path), "otpd-store")
         await writer.start()
-        return cls(writer, path)
+        try:
+            rows = await writer.submit(
+                lambda c: c.execute("SELECT receiver FROM blocklist").fetchall())
+        except BaseException:
+            await writer.stop()
+            raise
+        return cls(writer, path, {r[0] for r in rows})
 
     async def close(self) -> None:
         await self._writer.stop()
@@ -273,18 +282,18 @@ class SqliteStore:
                 (receiver, now),
             )
         )
+        self._blocked.add(receiver)  # once durable
 
     async def unblock(self, receiver: str) -> bool:
         def run(c: sqlite3.Connection) -> bool:
             return c.execute("DELETE FROM blocklist WHERE receiver = ?", (receiver,)).rowcount > 0
 
-        return await self._tx(run)
+        removed = await self._tx(run)
+        self._blocked.discard(receiver)
+        return removed
 
     async def blocked(self) -> list[str]:
-        def run(c: sqlite3.Connection) -> list[str]:
-            return [r[0] for r in c.execute("SELECT receiver FROM blocklist ORDER BY receiver")]
-
-        return await self._tx(run)
+        return sorted(self._blocked)
 
     async def rate_hit(
         self, limits: Sequence[RateLimit], now: float, *, record: bool = True
@@ -328,11 +337,7 @@ class SqliteStore:
         return await self._tx(run)
 
     async def is_blocked(self, receiver: str) -> bool:
-        def run(c: sqlite3.Connection) -> bool:
-            row = c.execute("SELECT 1 FROM blocklist WHERE receiver = ?", (receiver,)).fetchone()
-            return row is not None
-
-        return await self._tx(run)
+        return receiver in self._blocked
 
     # -- housekeeping --------------------------------------------------------
     async def purge(self, otp_before: float, messages_before: float) -> tuple[int, int]:
