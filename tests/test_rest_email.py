@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import API_PASSWORD, API_USER, SmtpServer, start_daemon, write_config
 
@@ -318,3 +319,22 @@ async def test_stop_answers_waiting_requests_at_once(
     _, body = await call
     assert body["response_code"] == "1111"  # still pending, kept in the outbox
     assert time.monotonic() - t0 < 10
+
+
+async def test_an_internal_error_is_still_a_json_answer(
+        tmp_path: Path, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = await start_daemon(write_config(tmp_path), session)
+    try:
+        assert run.daemon.service is not None
+
+        async def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("simulated bug")
+
+        monkeypatch.setattr(run.daemon.service, "execute", broken)
+        status, body = await run.client.call("echo", {})
+        assert status == 500 and body["response_code"] == "1102"
+        monkeypatch.undo()
+        status, body = await run.client.call("echo", {"ok": 1})
+        assert status == 200 and body["data"] == {"ok": 1}  # still serving
+    finally:
+        await run.daemon.stop()

@@ -193,6 +193,13 @@ class RestApi:
                 message = exc.reason
             headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
             return _error(code, message, exc.status, headers=headers)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            # A bug: logged with its traceback (never the request body), and the
+            # client still gets a JSON answer it can read.
+            log.exception("internal error on %s %s", request.method, request.path)
+            return _error(Code.FAILED, "internal error; nothing was done", 500)
 
     async def _authenticate(self, request: web.Request) -> str | None:
         creds = parse_basic_auth(request.headers.get("Authorization", ""))
