@@ -23,7 +23,7 @@ class LimitSettings:
     receiver_window: float = 600.0
     receiver_cooldown: float = 30.0  # s between two sends to the same receiver
     receiver_daily_max: int = 10
-    user_max: int = 600  # commands per API user (or broker) per user_window
+    user_max: int = 600  # commands per REST user per user_window
     user_window: float = 60.0
     user_distinct_receivers_daily: int = 500  # SMS pumping: many numbers from one user
     ip_max: int = 300  # REST requests per client IP per ip_window

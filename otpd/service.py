@@ -97,7 +97,12 @@ class Service:
         wait = self.settings.delivery.wait if wait is None else wait
         client = transport or "-"
         try:
-            retry_after = await self.limiter.command(client, ip, self.clock())
+            # Request rates are limited per REST user and address; a broker command
+            # refused here would be dropped, so brokers have the per-receiver and
+            # distinct-receiver limits (and the broker's own ACLs) instead.
+            retry_after = 0.0
+            if client.startswith("rest:"):
+                retry_after = await self.limiter.command(client, ip, self.clock())
             if retry_after > 0:
                 response = _limited(env.name, cmd, retry_after, "too many requests")
             else:
