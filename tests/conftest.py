@@ -24,6 +24,10 @@ from otpd.config import Settings, parse_settings
 from otpd.htpasswd import set_user
 
 API_USER = "app"
+# The services on the development and CI machines.
+RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
 API_PASSWORD = "s3cret:with:colons"
 
 

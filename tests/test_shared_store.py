@@ -24,9 +24,8 @@ from otpd.store import (
     VerifyResult,
 )
 from otpd.store.redis_state import RedisSharedStore
-from tests.conftest import SmtpServer, services_required, start_daemon, write_config
+from tests.conftest import REDIS_URL, SmtpServer, services_required, start_daemon, write_config
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 T0 = time.time()  # Redis TTLs are real time: records live around now
 
 

@@ -27,6 +27,10 @@ from otpd.sms.simulator import ModemSimulator
 from tests.conftest import (
     API_PASSWORD,
     API_USER,
+    MQTT_HOST,
+    MQTT_PORT,
+    RABBIT_URL,
+    REDIS_URL,
     Running,
     SmtpServer,
     service_unreachable,
@@ -35,9 +39,6 @@ from tests.conftest import (
     write_config,
 )
 
-RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
-REDIS_URL = "redis://127.0.0.1:6379/0"
-MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
 WS_USER, WS_PASSWORD = "app", "ws:secret"
 
 # method name in tests -> (client method, redis mode)

@@ -11,7 +11,6 @@ import pytest
 from otpd.broker import BrokerServer
 from otpd.client import AsyncOtpClient, ReplyTimeout, TransportError, parse_client_config
 from tests.client.conftest import (
-    REDIS_URL,
     WS_PASSWORD,
     WS_USER,
     MakeGateway,
@@ -20,7 +19,7 @@ from tests.client.conftest import (
     phone,
     unique,
 )
-from tests.conftest import free_port
+from tests.conftest import REDIS_URL, free_port
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import pytest
 from otpd.client import AsyncOtpClient, ReplyTimeout, TransportError, parse_client_config
 from otpd.client.config import ClientConfig
 from tests.client.conftest import (
-    REDIS_URL,
     Gateway,
     MakeGateway,
     body_text,
@@ -25,6 +24,7 @@ from tests.client.conftest import (
     phone,
     unique,
 )
+from tests.conftest import REDIS_URL
 
 SECRET = "client-otp-secret-0123456789abcdef"
 PARAMS = ["100000", "1234567890"]

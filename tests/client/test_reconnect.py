@@ -12,8 +12,8 @@ from otpd.client.transports.amqp import AmqpTransport
 from otpd.client.transports.mqtt import MqttTransport
 from otpd.client.transports.redis_broker import RedisTransport
 from otpd.client.transports.websocket import WsTransport
-from tests.client.conftest import MQTT_HOST, MQTT_PORT, MakeGateway, phone
-from tests.conftest import wait_until
+from tests.client.conftest import MakeGateway, phone
+from tests.conftest import MQTT_HOST, MQTT_PORT, wait_until
 
 
 async def test_mqtt_session_taken_over(make_gateway: MakeGateway) -> None:

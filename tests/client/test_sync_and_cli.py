@@ -14,8 +14,8 @@ import pytest
 
 from otpd.client import OtpClient, TransportError
 from otpd.client.cli import add_parser
-from tests.client.conftest import REDIS_URL, MakeGateway, body_text, code_in, email, phone
-from tests.conftest import free_port
+from tests.client.conftest import MakeGateway, body_text, code_in, email, phone
+from tests.conftest import REDIS_URL, free_port
 
 
 def parser() -> argparse.ArgumentParser:

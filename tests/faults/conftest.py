@@ -48,14 +48,21 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
 from otpd import control
-from tests.conftest import Client, free_port, service_unreachable
+from otpd.broker import BrokerConfig, BrokerServer
+from otpd.htpasswd import hash_password
+from tests.conftest import (
+    MQTT_HOST,
+    MQTT_PORT,
+    RABBIT_URL,
+    REDIS_URL,
+    Client,
+    free_port,
+    service_unreachable,
+)
 from tests.transports.servers import Process, own_server
 
 T = TypeVar("T")
 
-RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
-REDIS_URL = "redis://127.0.0.1:6379/0"
-MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
 
 # Fast reconnects, so a restart or a kill is healed quickly.
 BROKER_FAST = """
@@ -569,3 +576,59 @@ class FakeClock:
 
     def jump(self, seconds: float) -> None:
         self.offset += seconds
+
+
+# -- a daemon consuming all four brokers ----------------------------------------------------
+
+BROKER_USER, BROKER_PASSWORD, APP_USER = "otpd", "pi:pass", "app"
+
+
+async def start_ws_broker(tmp_path: Path, port: int = 0) -> BrokerServer:
+    """``otpd broker`` with otpd's account and OTP-Publisher's (user name as password)."""
+    users = tmp_path / "broker-users"
+    users.write_text(f"{BROKER_USER}:{hash_password(BROKER_PASSWORD, cost=4)}\n"
+                     f"{APP_USER}:{hash_password(APP_USER, cost=4)}\n")
+    broker = BrokerServer(BrokerConfig(htpasswd=users, port=port))
+    await broker.start()
+    return broker
+
+
+@dataclass(frozen=True)
+class BrokerTopics:
+    queue: str = field(default_factory=lambda: unique("q"))
+    stream: str = field(default_factory=lambda: unique("s"))
+    topic: str = field(default_factory=lambda: unique("t"))
+    ws_topic: str = field(default_factory=lambda: unique("w"))
+    client_id: str = field(default_factory=lambda: unique("otpd"))
+
+
+def broker_tables(topics: BrokerTopics, *, rabbit_url: str, redis_url: str, mqtt_host: str,
+                  mqtt_port: int, ws_port: int, ws_extra: str = "") -> str:
+    """The [amqp], [redis] (stream), [mqtt] and [ws] tables of a daemon."""
+    return f"""
+[amqp]
+url = "{rabbit_url}"
+topic = "{topics.queue}"
+{BROKER_FAST}
+[redis]
+url = "{redis_url}"
+topic = "{topics.stream}"
+mode = "stream"
+group = "otpd"
+consumer = "pi-1"
+claim_idle = 0.5
+{BROKER_FAST}
+[mqtt]
+host = "{mqtt_host}"
+port = {mqtt_port}
+topic = "{topics.topic}"
+client_id = "{topics.client_id}"
+{BROKER_FAST}
+[ws]
+url = "ws://127.0.0.1:{ws_port}/ws"
+username = "{BROKER_USER}"
+password = "{BROKER_PASSWORD}"
+topic = "{topics.ws_topic}"
+reply_min_delay = 0
+{ws_extra}{BROKER_FAST}
+"""

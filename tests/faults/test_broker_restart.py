@@ -33,31 +33,30 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from otpd.broker import BrokerConfig, BrokerServer
-from otpd.htpasswd import hash_password
 from otpd.protocol import parse_request
 from otpd.store import Duplicate, Inserted, NewMessage, NewOtp
 from otpd.transports.consumer import Consumer
 from tests.conftest import free_port, start_daemon, write_config
 from tests.faults.conftest import (
-    BROKER_FAST,
+    APP_USER,
     AmqpPublisher,
+    BrokerTopics,
     MqttPublisher,
     OwnServer,
     SmtpControl,
     StreamPublisher,
     TimedSink,
     WsApp,
+    broker_tables,
     command,
     forget_mqtt_session,
     port_open,
     require_binary,
+    start_ws_broker,
     tagged,
-    unique,
     wait_for,
 )
 
-BROKER_USER, BROKER_PASSWORD, APP_USER = "otpd", "pi:pass", "app"
 AFTER = 10  # confirmed publishes a broker must take after its restart
 
 
@@ -115,43 +114,14 @@ async def test_each_broker_restarted_during_traffic(
     sink = TimedSink()
     smtp = SmtpControl(sink, free_port())
     smtp.start()
-    users = tmp_path / "broker-users"
-    users.write_text(f"{BROKER_USER}:{hash_password(BROKER_PASSWORD, cost=4)}\n"
-                     f"{APP_USER}:{hash_password(APP_USER, cost=4)}\n")
-    ws_broker = BrokerServer(BrokerConfig(htpasswd=users, port=free_port()))
-    await ws_broker.start()
+    # A fixed port: the broker is restarted on it during the test.
+    ws_broker = await start_ws_broker(tmp_path, free_port())
     redis_url = f"redis://127.0.0.1:{own_redis.port}/0"
-    queue, stream, topic, ws_topic = unique("q"), unique("s"), unique("t"), unique("w")
-    client_id = unique("otpd")
-    extra = f"""
-[amqp]
-url = "{rabbit_url}"
-topic = "{queue}"
-{BROKER_FAST}
-[redis]
-url = "{redis_url}"
-topic = "{stream}"
-mode = "stream"
-group = "otpd"
-consumer = "pi-1"
-claim_idle = 0.5
-{BROKER_FAST}
-[mqtt]
-host = "127.0.0.1"
-port = {own_mosquitto.port}
-topic = "{topic}"
-client_id = "{client_id}"
-{BROKER_FAST}
-[ws]
-url = "ws://127.0.0.1:{ws_broker.port}/ws"
-username = "{BROKER_USER}"
-password = "{BROKER_PASSWORD}"
-topic = "{ws_topic}"
-reply_min_delay = 0
-ping_interval = 1
-ping_timeout = 1
-{BROKER_FAST}
-"""
+    topics = BrokerTopics()
+    queue, stream, topic, ws_topic = topics.queue, topics.stream, topics.topic, topics.ws_topic
+    extra = broker_tables(topics, rabbit_url=rabbit_url, redis_url=redis_url,
+                          mqtt_host="127.0.0.1", mqtt_port=own_mosquitto.port,
+                          ws_port=ws_broker.port, ws_extra="ping_interval = 1\nping_timeout = 1\n")
     config = write_config(tmp_path, extra, smtp_port=smtp.port, wait=0)
     amqp = AmqpPublisher(rabbit_url, queue)
     redis_pub = StreamPublisher(redis_url, stream)
@@ -251,7 +221,7 @@ ping_timeout = 1
         mqtt_pub.close()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(forget_mqtt_session, "127.0.0.1", own_mosquitto.port,
-                                    client_id)
+                                    topics.client_id)
         await ws_broker.stop()
         smtp.stop()
 

@@ -44,14 +44,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from otpd.broker import BrokerConfig, BrokerServer
-from otpd.htpasswd import hash_password
 from otpd.sms.simulator import ModemSimulator
 from tests.conftest import Client, free_port, write_config
 from tests.faults.conftest import (
-    BROKER_FAST,
+    APP_USER,
     SMS_FAST,
     AmqpPublisher,
+    BrokerTopics,
     DaemonProcess,
     MqttPublisher,
     Receipt,
@@ -59,14 +58,15 @@ from tests.faults.conftest import (
     StreamPublisher,
     TimedSink,
     WsApp,
+    broker_tables,
     command,
     daemon_status,
     forget_mqtt_session,
     modem_table,
     outbox,
+    start_ws_broker,
     tag_of,
     tagged,
-    unique,
     wait_for,
 )
 
@@ -85,8 +85,6 @@ EMAIL = "kill@example.org"
 UNCERTAIN = re.compile(r"message (\d+) to \S+ was being sent when otpd stopped; it may have"
                        r" gone out already")
 EXPIRY_CODES = ("1101", "1203")
-BROKER_USER, BROKER_PASSWORD = "otpd", "pi:pass"
-APP_USER = "app"
 
 
 @dataclass
@@ -156,43 +154,15 @@ async def test_sigkill_rounds_lose_nothing_and_resend_only_uncertain(
             for i in (1, 2)]
     for sim in sims:
         await sim.start()
-    users = tmp_path / "broker-users"
-    users.write_text(f"{BROKER_USER}:{hash_password(BROKER_PASSWORD, cost=4)}\n"
-                     f"{APP_USER}:{hash_password(APP_USER, cost=4)}\n")
-    ws_broker = BrokerServer(BrokerConfig(htpasswd=users, port=0))
-    await ws_broker.start()
-
-    queue, stream, topic, ws_topic = (unique("q"), unique("s"), unique("t"), unique("w"))
-    client_id = unique("otpd")
+    ws_broker = await start_ws_broker(tmp_path)
+    topics = BrokerTopics()
+    queue, stream, topic, ws_topic = topics.queue, topics.stream, topics.topic, topics.ws_topic
+    client_id = topics.client_id
     mqtt_host, mqtt_port = mqtt_broker
     extra = (modem_table("m1", tmp_path / "m1") + modem_table("m2", tmp_path / "m2")
-             + SMS_FAST + f"""
-[amqp]
-url = "{rabbit_url}"
-topic = "{queue}"
-{BROKER_FAST}
-[redis]
-url = "{redis_url}"
-topic = "{stream}"
-mode = "stream"
-group = "otpd"
-consumer = "pi-1"
-claim_idle = 0.5
-{BROKER_FAST}
-[mqtt]
-host = "{mqtt_host}"
-port = {mqtt_port}
-topic = "{topic}"
-client_id = "{client_id}"
-{BROKER_FAST}
-[ws]
-url = "ws://127.0.0.1:{ws_broker.port}/ws"
-username = "{BROKER_USER}"
-password = "{BROKER_PASSWORD}"
-topic = "{ws_topic}"
-reply_min_delay = 0
-{BROKER_FAST}
-""")
+             + SMS_FAST + broker_tables(topics, rabbit_url=rabbit_url, redis_url=redis_url,
+                                        mqtt_host=mqtt_host, mqtt_port=mqtt_port,
+                                        ws_port=ws_broker.port))
     rest_port = free_port()
     config = write_config(tmp_path, extra, smtp_port=smtp.port, wait=0, rest_port=rest_port)
     client = Client(session, f"http://127.0.0.1:{rest_port}")

@@ -27,6 +27,10 @@ from otpd.store import StoreError
 from otpd.transports.consumer import Consumer, build_consumers
 from otpd.transports.settings import BrokerSettings, parse_broker_settings
 from tests.conftest import (
+    MQTT_HOST,
+    MQTT_PORT,
+    RABBIT_URL,
+    REDIS_URL,
     Running,
     SmtpServer,
     service_unreachable,
@@ -35,9 +39,6 @@ from tests.conftest import (
     write_config,
 )
 
-RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
-REDIS_URL = "redis://127.0.0.1:6379/0"
-MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
 # ``otpd broker`` accounts: otpd's own, and OTP-Publisher's (which sends its
 # user name as the password).
 OTPD_USER, OTPD_PASSWORD = "otpd", "pi:pass"

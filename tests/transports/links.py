@@ -34,18 +34,18 @@ from websockets.asyncio.client import connect
 from otpd.broker import BrokerConfig, BrokerServer
 from otpd.sms.simulator import ModemSimulator, SentMessage
 from otpd.transports.consumer import Consumer
-from tests.conftest import Running, SmtpServer, start_daemon, wait_until, write_config
-from tests.transports.conftest import (
-    APP_USER,
+from tests.conftest import (
     MQTT_HOST,
     MQTT_PORT,
-    OTPD_PASSWORD,
-    OTPD_USER,
     RABBIT_URL,
     REDIS_URL,
-    command,
-    unique,
+    Running,
+    SmtpServer,
+    start_daemon,
+    wait_until,
+    write_config,
 )
+from tests.transports.conftest import APP_USER, OTPD_PASSWORD, OTPD_USER, command, unique
 
 # Fast reconnects, so that restarts and kills are noticed and healed quickly; a
 # max_message below every broker's own limit, so that otpd is the one refusing.

@@ -13,17 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import SmtpServer, wait_until
-from tests.transports.conftest import (
-    MQTT_HOST,
-    MQTT_PORT,
-    body_text,
-    command,
-    otp_in,
-    receiver,
-    require_tcp,
-    unique,
-)
+from tests.conftest import MQTT_HOST, MQTT_PORT, SmtpServer, wait_until
+from tests.transports.conftest import body_text, command, otp_in, receiver, require_tcp, unique
 from tests.transports.links import (
     AmqpLink,
     Link,

@@ -17,16 +17,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from otpd.transports.mqtt import MqttConsumer
-from tests.conftest import SmtpServer, wait_until
-from tests.transports.conftest import (
-    MQTT_HOST,
-    MQTT_PORT,
-    Gateway,
-    command,
-    otp_in,
-    receiver,
-    unique,
-)
+from tests.conftest import MQTT_HOST, MQTT_PORT, SmtpServer, wait_until
+from tests.transports.conftest import Gateway, command, otp_in, receiver, unique
 from tests.transports.links import MqttLink, Node, Peer, forget_session, start_node
 from tests.transports.servers import Process, own_mosquitto, self_signed
 

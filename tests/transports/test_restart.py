@@ -43,8 +43,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, DeliveryMode
 from paho.mqtt.enums import CallbackAPIVersion
 from redis.asyncio import Redis
 
-from tests.conftest import SmtpServer, free_port, wait_until
-from tests.transports.conftest import RABBIT_URL, command, receiver, require_tcp
+from tests.conftest import RABBIT_URL, SmtpServer, free_port, wait_until
+from tests.transports.conftest import command, receiver, require_tcp
 from tests.transports.links import AmqpLink, Link, MqttLink, Node, RedisStreamLink, start_node
 from tests.transports.servers import Process, own_mosquitto, own_server
 
