@@ -81,6 +81,7 @@ from redis.asyncio import Redis  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 from websockets.sync.client import connect as ws_connect_sync  # noqa: E402
 
+from otpd.aio import within  # noqa: E402
 from otpd.app import Daemon  # noqa: E402
 from otpd.config import parse_settings  # noqa: E402
 from otpd.htpasswd import set_user  # noqa: E402
@@ -389,7 +390,7 @@ class Amqp(Broker):
         tag = await queue.consume(on_message)
         started.set()
         try:
-            await asyncio.wait_for(done.wait(), PHASE_LIMIT)
+            await within(PHASE_LIMIT, done.wait())
         finally:
             await queue.cancel(tag)
             await channel.close()
@@ -704,7 +705,7 @@ async def ingest_round(broker: Broker, row: Row, args: argparse.Namespace,
     raw_task = asyncio.create_task(broker.raw_consume(n, started))
     publisher = None
     if broker.live:
-        await asyncio.wait_for(started.wait(), 10)
+        await within(10, started.wait())
         publisher = spawn_publisher(broker.name, broker.live_address(), broker.topic,
                                     args.command, n, run)
     first, last, count = await raw_task
@@ -733,7 +734,7 @@ async def ingest_round(broker: Broker, row: Row, args: argparse.Namespace,
                                          "-p", str(os.getpid()), "-t"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(METER.finished.wait(), PHASE_LIMIT)
+            await within(PHASE_LIMIT, METER.finished.wait())
         otpd = METER.rate()
         if METER.done < n:
             row.note += f" otpd finished {METER.done}/{n} in {PHASE_LIMIT:.0f} s"

@@ -204,13 +204,7 @@ class Bench:
 
     async def __aexit__(self, *exc: object) -> None:
         if self.engine is not None:
-            # Python 3.11's asyncio.wait_for() swallows a cancellation that arrives in
-            # the same loop iteration as the event it waits for (the engine's sweeper
-            # and take() wait that way, and the last finish() has just set both): let
-            # those waits end first, and never hang here.
-            await asyncio.sleep(0.05)
-            async with asyncio.timeout(10):
-                await self.engine.stop()
+            await self.engine.stop()  # bounded by itself
         if self.store is not None:
             await self.store.close()
         await self.modems.stop()

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from otpd import sdnotify
+from otpd.aio import STOP_BOUND, bounded, cancel_and_wait, within
 from otpd.channel import Channel, WorkSource
 from otpd.config import Settings, StoreSettings, load_settings
 from otpd.confread import ConfigError
@@ -29,7 +30,7 @@ from otpd.sealing import Sealer
 from otpd.service import Service
 from otpd.store import SqliteStore, Store, StoreError
 from otpd.store.migrations import SchemaTooNew
-from otpd.transports.consumer import Consumer, build_consumers
+from otpd.transports.consumer import STOP_GRACE, Consumer, build_consumers
 from otpd.transports.rest import RestApi
 
 log = logging.getLogger("otpd")
@@ -118,8 +119,9 @@ class Daemon:
                                 metrics=self.metrics, health=self,
                                 metrics_auth=s.metrics.require_auth)
             await self.rest.start()
+        # The service's wall clock (block-list stamps): the same one its rules use.
         self.control = ControlServer(s.control.socket, self.store, self.status,
-                                     s.otp.country_code, time.time)
+                                     s.otp.country_code, self.service.clock)
         await self.control.start()
         # Consumers connect in the background: a broker that is down must not
         # keep the daemon (and its REST API) from starting.
@@ -150,7 +152,7 @@ class Daemon:
         if self.store is None or self.engine is None:
             return False
         try:
-            await asyncio.wait_for(self.store.check_writable(local_only=True), 5.0)
+            await within(5.0, self.store.check_writable(local_only=True))
         except (StoreError, TimeoutError):
             return False
         return self.engine.healthy and self.engine.alive()
@@ -172,31 +174,34 @@ class Daemon:
         return users
 
     async def stop(self) -> None:
+        """Stop in a bounded time whatever the clocks did: each step is limited
+        (``otpd.aio.bounded``) and logs what it still waits for after a second."""
         if self.ddns is not None:
-            await self.ddns.stop()
+            await bounded(self.ddns.stop(), "dynamic DNS", log)
         if self.engine is not None:
             self.engine.release_waiters()  # answer 1111 now instead of after delivery.wait
         # Consumers first: in-flight commands still need the service and store.
-        await asyncio.gather(*(c.stop() for c in self.consumers), return_exceptions=True)
+        # Each is bounded itself (STOP_GRACE for in-flight commands, then cancelled).
+        await bounded(asyncio.gather(*(c.stop() for c in self.consumers),
+                                     return_exceptions=True),
+                      "the broker consumers", log, bound=STOP_GRACE + 3 * STOP_BOUND)
         self.consumers = []
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks, "background tasks", log)
         if self.control is not None:
-            await self.control.stop()
+            await bounded(self.control.stop(), "the control socket", log)
         if self.rest is not None:
-            await self.rest.stop()
+            await bounded(self.rest.stop(), "the REST API", log)
         if self.engine is not None:
-            await self.engine.stop()
+            await bounded(self.engine.stop(), "the delivery engine", log, bound=2 * STOP_BOUND)
         if self.store is not None:
-            await self.store.close()
+            await bounded(self.store.close(), "the store", log)
 
     async def _purge_loop(self) -> None:
         assert self.store is not None
         s = self.settings.store
         while True:
             await asyncio.sleep(s.purge_interval)
-            now = time.time()
+            now = self.service.clock() if self.service is not None else time.time()
             try:
                 otps, msgs = await self.store.purge(now - s.expired_grace, now - s.retention)
             except StoreError as exc:
@@ -222,7 +227,7 @@ class Daemon:
         """/readyz: the store takes writes and at least one channel can send."""
         assert self.store is not None and self.engine is not None
         try:
-            await asyncio.wait_for(self.store.check_writable(), 2.0)
+            await within(2.0, self.store.check_writable())
             store_ok = True
         except (StoreError, TimeoutError):
             store_ok = False

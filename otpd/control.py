@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from otpd.aio import within
 from otpd.msisdn import InvalidReceiver, canonical_receiver, mask
 from otpd.store import Store
 
@@ -72,7 +73,7 @@ class ControlServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
+            line = await within(10, reader.readline())
             answer = await self.handle(line)
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
@@ -128,7 +129,7 @@ class ControlServer:
 
 async def _answers(path: Path) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 1.0)
+        _, writer = await within(1.0, asyncio.open_unix_connection(path))
     except (OSError, TimeoutError):
         return False
     writer.close()
@@ -137,11 +138,11 @@ async def _answers(path: Path) -> bool:
 
 async def request(path: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """One request to a running daemon's control socket."""
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+    reader, writer = await within(timeout, asyncio.open_unix_connection(path))
     try:
         writer.write(json.dumps(message).encode() + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        line = await within(timeout, reader.readline())
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):

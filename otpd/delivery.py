@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from otpd.aio import cancel_and_wait
 from otpd.channel import Channel, Delivered, Failed, Job, Outcome, Retry
 from otpd.codes import Code
 from otpd.jobqueue import JobQueue, Pending
@@ -149,9 +150,7 @@ class DeliveryEngine:
         self._futures.clear()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks, "the delivery channels", log)
         self._tasks.clear()
         for fut in self._futures.values():
             if not fut.done():

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiosmtplib
 
+from otpd.aio import STOP_BOUND, cancel_and_wait, raise_if_cancel_requested
 from otpd.channel import Delivered, Failed, Job, Outcome, Retry, WorkSource
 from otpd.codes import Code
 from otpd.config import SmtpAccount
@@ -54,6 +55,7 @@ class SmtpChannel:
         self._last_error: dict[str, str] = {}
         self.sent = 0
         self.failed = 0
+        self._recording: set[asyncio.Future[None]] = set()  # outcomes being written
 
     def configured(self) -> bool:
         return bool(self.accounts)
@@ -81,9 +83,20 @@ class SmtpChannel:
     async def run(self, source: WorkSource) -> None:
         if not self.accounts:
             await asyncio.Event().wait()  # nothing to do until cancelled
-        async with asyncio.TaskGroup() as group:
-            for i in range(self.workers):
-                group.create_task(self._worker(source), name=f"smtp-worker-{i}")
+        workers = [asyncio.create_task(self._worker(source), name=f"smtp-worker-{i}")
+                   for i in range(self.workers)]
+        try:
+            # Workers end only by a bug (raised here) or a cancellation.
+            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            # Not a TaskGroup or gather: they cancel their tasks once, and a worker
+            # inside an SMTP exchange can lose that one request (see otpd.aio).
+            await cancel_and_wait(workers, "the SMTP workers", log)
+            # Never cancelled: an outcome not recorded means a sent mail goes again.
+            if self._recording:
+                await asyncio.wait(set(self._recording), timeout=STOP_BOUND)
 
     async def _worker(self, source: WorkSource) -> None:
         while True:
@@ -93,7 +106,13 @@ class SmtpChannel:
             except Exception as exc:  # a bug must not stop the worker
                 log.exception("email %d: unexpected error", job.id)
                 outcome = Retry(f"internal error: {type(exc).__name__}", self._delay(job))
-            await source.finish(job, outcome)
+            recording = asyncio.ensure_future(source.finish(job, outcome))
+            self._recording.add(recording)
+            recording.add_done_callback(self._recording.discard)
+            await asyncio.shield(recording)
+            # aiosmtplib may have swallowed a stop request (see otpd.aio): the
+            # outcome is on record, so stop now instead of taking more work.
+            raise_if_cancel_requested()
 
     def _ordered_accounts(self) -> list[SmtpAccount]:
         now = time.monotonic()

@@ -25,6 +25,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from otpd.aio import within
+
 log = logging.getLogger("otpd.sdnotify")
 
 _KEY = re.compile(r"[A-Z][A-Z0-9_]*\Z")
@@ -230,7 +232,7 @@ class Watchdog:
         assert self._interval is not None
         period = self._interval / 2
         try:
-            ok = bool(await asyncio.wait_for(self._healthy(), timeout=period))
+            ok = bool(await within(period, self._healthy()))
             reason = "" if ok else "health check failed"
         except TimeoutError:
             ok, reason = False, f"health check took longer than {period:.1f} s"

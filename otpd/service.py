@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from otpd import otp as otpmod
+from otpd.aio import within
 from otpd.channel import Channel, Job
 from otpd.codes import Code
 from otpd.config import Settings
@@ -307,7 +308,7 @@ class Service:
         if on_stored is not None:
             await on_stored()
         try:
-            result = await asyncio.wait_for(asyncio.shield(fut), wait) if wait > 0 else None
+            result = await within(wait, asyncio.shield(fut)) if wait > 0 else None
         except TimeoutError:
             result = None
         data = _echo(cmd, None)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from otpd.aio import cancel_and_wait, raise_if_cancel_requested
 from otpd.channel import Delivered, Failed, Job, Outcome, Retry, WorkSource
 from otpd.codes import Code
 from otpd.limits import SimQuota
@@ -141,14 +142,14 @@ class ModemPool:
                 tasks.append(asyncio.create_task(self._supervise(slot), name=f"sms-{slot.name}"))
                 tasks.append(asyncio.create_task(self._work(slot), name=f"sms-work-{slot.name}"))
         try:
-            if tasks:
-                await asyncio.gather(*tasks)
+            if tasks:  # they end only by a bug (raised here) or a cancellation
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()
             else:
                 await asyncio.Event().wait()  # nothing to drive; stay until cancelled
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks, "the modem workers", log)
             # Never cancelled: an outcome not recorded means a delivered message is
             # sent again after a restart.
             await asyncio.gather(*self._recording, return_exceptions=True)
@@ -394,6 +395,7 @@ class ModemPool:
                                             name=f"sms-finish-{slot.name}")
             self._recording.add(recording)
             recording.add_done_callback(self._recording.discard)
+            raise_if_cancel_requested()  # a stop request a library call swallowed
 
     @staticmethod
     async def _record(slot: _Slot, source: WorkSource, job: Job, outcome: Outcome) -> None:

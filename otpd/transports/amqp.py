@@ -39,6 +39,7 @@ from aio_pika.abc import (
     DeliveryMode,
 )
 
+from otpd.aio import within
 from otpd.transports.consumer import Consumer, Inbound, safe_url, tls_context, url_password
 from otpd.transports.settings import AmqpSettings
 
@@ -178,13 +179,13 @@ class AmqpConsumer(Consumer):
             acks, self._acks = self._acks, None
             if acks is not None and not connection.is_closed:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(acks.drain(), ACK_DRAIN)
+                    await within(ACK_DRAIN, acks.drain())
             self._connection = None
             self._queue = None
             self._consumer_tag = None
             self._reply_channel = None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 5.0)
+                await within(5.0, connection.close())
 
     async def _open_queue(
         self, connection: AbstractConnection

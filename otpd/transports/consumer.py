@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import ssl
 import time
 from abc import ABC, abstractmethod
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from otpd.aio import backoff_delay, cancel_and_wait, within
 from otpd.codes import Code
 from otpd.protocol import (
     MAX_CALLBACK_DELAY_MS,
@@ -98,12 +98,6 @@ def url_password(url: str) -> str:
         return urlsplit(url).password or ""
     except ValueError:
         return ""
-
-
-def backoff_delay(attempt: int, low: float, high: float) -> float:
-    """Capped exponential backoff with jitter: uniform in [cap/2, cap]."""
-    cap = min(high, low * (2 ** min(attempt, 30)))
-    return random.uniform(max(low, cap / 2), cap)
 
 
 def loose_callback(body: bytes) -> tuple[str | None, int]:
@@ -177,16 +171,13 @@ class Consumer(ABC):
         if self._task is None:
             return
         try:
-            await asyncio.wait_for(self._stop_intake(), 2.0)
+            await within(2.0, self._stop_intake())
         except Exception as exc:
             log.debug("%s: stopping intake: %s", self.name, self._describe(exc))
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=grace)
-        for task in list(self._inflight):
-            task.cancel()
-        await asyncio.gather(*self._inflight, return_exceptions=True)
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(list(self._inflight), f"{self.name} commands", log)
+        await cancel_and_wait([self._task], self.name, log)
         self._task = None
         log.info("%s: stopped", self.name)
 

@@ -49,6 +49,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from otpd.aio import within
 from otpd.transports.consumer import Consumer, Inbound, tls_context
 from otpd.transports.settings import MqttSettings
 
@@ -243,13 +244,13 @@ class MqttConsumer(Consumer):
                                  properties=properties)
             self._client = client
             self._lost = lost
-            rc, session_present = await asyncio.wait_for(connected, HANDSHAKE_TIMEOUT)
+            rc, session_present = await within(HANDSHAKE_TIMEOUT, connected)
             if rc.is_failure:
                 raise ConnectionRefusedError(f"broker refused the connection: {rc}")
             result, _mid = client.subscribe(s.subscription, qos=1)
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise ConnectionError(f"subscribe failed: {mqtt.error_string(result)}")
-            codes = await asyncio.wait_for(subscribed, HANDSHAKE_TIMEOUT)
+            codes = await within(HANDSHAKE_TIMEOUT, subscribed)
             if any(code.is_failure for code in codes):
                 raise ConnectionError(f"subscription refused: {codes[0]}")
             self._set_connected(True, f"topic {s.subscription!r} on {s.host}:{s.port} as"

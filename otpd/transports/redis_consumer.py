@@ -46,6 +46,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
+from otpd.aio import within
 from otpd.transports.consumer import STOP_GRACE, Consumer, Inbound, safe_url, url_password
 from otpd.transports.settings import RedisSettings
 
@@ -133,9 +134,9 @@ class RedisConsumer(Consumer):
         finally:
             self._client = None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.aclose(), 2.0)  # type: ignore[no-untyped-call]
+                await within(2.0, pubsub.aclose())  # type: ignore[no-untyped-call]
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.aclose(), 2.0)
+                await within(2.0, client.aclose())
 
     # -- stream ----------------------------------------------------------------
     async def _stream_session(self) -> None:
@@ -165,7 +166,7 @@ class RedisConsumer(Consumer):
         finally:
             self._client = None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.aclose(), 2.0)
+                await within(2.0, client.aclose())
 
     async def _stream_loop(self, client: Redis) -> None:
         s = self.settings

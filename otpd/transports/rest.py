@@ -144,7 +144,10 @@ class RestApi:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def start(self) -> None:
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # In-flight requests get 2 s to finish on stop (waiting ones were already
+        # answered 1111 by release_waiters), not aiohttp's default minute.
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                               shutdown_timeout=2.0)
         await runner.setup()
         ssl_ctx = None
         try:
@@ -215,7 +218,7 @@ class RestApi:
         if len(self._auth_failures) > 10_000:  # bounded memory under a spray of addresses
             self._auth_failures.clear()
         limiter = self.service.limiter
-        await limiter.auth_failed(ip, time.time())
+        await limiter.auth_failed(ip, self.service.clock())
         if limiter.s.enabled:
             await asyncio.sleep(min(0.05 * 2 ** min(failures, 10), 3.0))
 
@@ -235,7 +238,7 @@ class RestApi:
             return _error(Code.INVALID_REQUEST, "use POST or PUT", 405,
                           headers={"Allow": "POST, PUT"}), "", Code.INVALID_REQUEST.value
         ip = request.remote or "-"
-        retry_after = await self.service.limiter.auth_blocked(ip, time.time())
+        retry_after = await self.service.limiter.auth_blocked(ip, self.service.clock())
         if retry_after > 0:
             seconds = str(max(1, math.ceil(retry_after)))
             return _error(Code.RATE_LIMITED, "too many failed logins from this address", 429,

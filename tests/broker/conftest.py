@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from otpd.aio import within
 from otpd.broker import BrokerConfig, BrokerServer
 from otpd.htpasswd import hash_password
 
@@ -92,7 +93,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 async def recv_text(ws: ClientConnection, timeout: float = 5.0) -> str:
-    message = await asyncio.wait_for(ws.recv(), timeout)
+    message = await within(timeout, ws.recv())
     assert isinstance(message, str)
     return message
 
@@ -100,7 +101,7 @@ async def recv_text(ws: ClientConnection, timeout: float = 5.0) -> str:
 async def assert_silent(ws: ClientConnection, timeout: float = 0.2) -> None:
     """Nothing arrives within ``timeout``."""
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(ws.recv(), timeout)
+        await within(timeout, ws.recv())
 
 
 # -- a raw client that behaves like OTP-Publisher's PHP WSClient -------------
@@ -159,7 +160,7 @@ class RawClient:
             lines.append(f"Authorization: {authorization}")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         await writer.drain()
-        self.head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        self.head = await within(5, reader.readuntil(b"\r\n\r\n"))
         self.status = int(self.head.split(b" ", 2)[1])
         return self
 

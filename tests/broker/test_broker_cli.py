@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
+from otpd.aio import within
 from otpd.broker.cli import add_parser
 
 from .conftest import basic
@@ -103,11 +104,11 @@ async def test_runs_until_sigterm(users_file: Path) -> None:
             async with connect(url, additional_headers=headers) as b:
                 await asyncio.sleep(0.1)
                 await a.send("hello")
-                assert await asyncio.wait_for(b.recv(), 5) == "hello"
+                assert await within(5, b.recv()) == "hello"
             proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(proc.wait(), 10) == 0
+            assert await within(10, proc.wait()) == 0
             # The remaining client was told the server is going away.
-            await asyncio.wait_for(a.wait_closed(), 5)
+            await within(5, a.wait_closed())
             assert a.close_code == 1001
     finally:
         if proc.returncode is None:

@@ -14,6 +14,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from otpd.aio import within
 from otpd.broker import BrokerServer
 from otpd.broker.hub import Subscriber
 
@@ -129,7 +130,7 @@ async def test_oversize_frame_closes_1009(make_broker: MakeBroker) -> None:
         assert len(await recv_text(peer)) == 1024
         await big.send("x" * 1025)
         with pytest.raises(ConnectionClosed) as info:
-            await asyncio.wait_for(big.recv(), 5)
+            await within(5, big.recv())
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009
         await assert_silent(peer)
         await wait_for(lambda: broker.clients == 1)
@@ -140,7 +141,7 @@ async def test_binary_frame_refused_1003(broker: BrokerServer) -> None:
         await wait_for(lambda: broker.clients == 2)
         await sender.send(b"\x00\x01binary")
         with pytest.raises(ConnectionClosed) as info:
-            await asyncio.wait_for(sender.recv(), 5)
+            await within(5, sender.recv())
         assert info.value.rcvd is not None and info.value.rcvd.code == 1003
         await assert_silent(peer)
 
@@ -215,7 +216,7 @@ async def test_stop_closes_clients_going_away(make_broker: MakeBroker) -> None:
         await wait_for(lambda: broker.clients == 1)
         await broker.stop()
         with pytest.raises(ConnectionClosed) as info:
-            await asyncio.wait_for(ws.recv(), 5)
+            await within(5, ws.recv())
         assert info.value.rcvd is not None and info.value.rcvd.code == 1001
 
 
@@ -262,7 +263,7 @@ async def test_outbox_overflow_drops_client() -> None:
     sub.offer(b"1")
     assert ws.aborted and sub.drop_reason == "outgoing queue full"
     sub.offer(b"more")  # ignored once dropped
-    await asyncio.wait_for(sub.run_writer(), 1)
+    await within(1, sub.run_writer())
     assert ws.sent == []
 
 
@@ -281,7 +282,7 @@ async def test_stuck_send_drops_client() -> None:
     ws = FakeWs(block=True)
     sub = make_sub(ws, queue_bytes=100, send_timeout=0.05)
     sub.offer(b"x")
-    await asyncio.wait_for(sub.run_writer(), 2)
+    await within(2, sub.run_writer())
     assert ws.aborted and sub.drop_reason is not None and "blocked" in sub.drop_reason
 
 
@@ -314,7 +315,7 @@ async def test_idle_client_that_stopped_reading_is_dropped() -> None:
     ws = FakeWs()
     ws.buffered = 10**6  # output piled up earlier and never drains
     sub = make_sub(ws, queue_bytes=100, send_timeout=0.05)
-    await asyncio.wait_for(sub.run_writer(), 2)
+    await within(2, sub.run_writer())
     assert ws.aborted and sub.drop_reason is not None and "not reading" in sub.drop_reason
 
 
@@ -338,6 +339,6 @@ async def test_stop_does_not_hang_on_client_that_does_not_read(make_broker: Make
             await pub.send("y" * 8192)
         await asyncio.sleep(0.2)
         start = time.monotonic()
-        await asyncio.wait_for(broker.stop(), 5)
+        await within(5, broker.stop())
         assert time.monotonic() - start < 3
         slow.abort()

@@ -48,6 +48,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
 from otpd import control
+from otpd.aio import within
 from otpd.broker import BrokerConfig, BrokerServer
 from otpd.htpasswd import hash_password
 from tests.conftest import (
@@ -407,10 +408,10 @@ class AmqpPublisher:
 
     async def publish(self, body: bytes) -> bool:
         try:
-            channel = await asyncio.wait_for(self._chan(), 5)
-            await asyncio.wait_for(channel.default_exchange.publish(
+            channel = await within(5, self._chan())
+            await within(5, channel.default_exchange.publish(
                 aio_pika.Message(body, delivery_mode=DeliveryMode.PERSISTENT),
-                routing_key=self.queue, mandatory=True), 5)
+                routing_key=self.queue, mandatory=True))
         except Exception:
             with contextlib.suppress(Exception):
                 await self.reset()
@@ -426,11 +427,11 @@ class AmqpPublisher:
         conn, self._conn, self._channel = self._conn, None, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+                await within(2, conn.close())
 
     async def close(self, *queues: str) -> None:
         with contextlib.suppress(Exception):
-            channel = await asyncio.wait_for(self._chan(), 5)
+            channel = await within(5, self._chan())
             for name in (self.queue, *queues):
                 await channel.queue_delete(name)
         await self.reset()

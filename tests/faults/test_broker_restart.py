@@ -33,6 +33,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from otpd.aio import within
 from otpd.protocol import parse_request
 from otpd.store import Duplicate, Inserted, NewMessage, NewOtp
 from otpd.transports.consumer import Consumer
@@ -77,7 +78,7 @@ class Feed:
             body = command("send-email", {"id": tag, "receiver": f"{self.name}@example.org",
                                           "subject": "restart", "message": tagged(tag)})
             try:
-                ok = await asyncio.wait_for(self.publish(tag, body), 6)
+                ok = await within(6, self.publish(tag, body))
             except Exception:
                 ok = False
             if ok:

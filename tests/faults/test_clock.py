@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import time
 from collections import Counter
@@ -317,3 +318,62 @@ async def test_backward_jump_does_not_extend_rate_limits(clocked: Gateway) -> No
         await asyncio.sleep(body["data"]["retry_after"] + 0.2)
         body = await gw.call("send-email", email("rl-3"))
     assert body["response_code"] in ("0000", "1111"), body
+
+
+# -- stopping ------------------------------------------------------------------------------
+
+STOP_LIMIT = 5.0  # s: otpd.aio.STOP_BOUND per step, and nothing here needs a second round
+
+
+async def timed_stop(gw: Gateway, jump_during: float = 0.0) -> float:
+    loop = asyncio.get_running_loop()
+    if jump_during:
+        loop.call_soon(gw.clock.jump, jump_during)  # while stop() is under way
+    started = loop.time()
+    await gw.run.daemon.stop()
+    return loop.time() - started
+
+
+async def test_stop_is_bounded_whatever_the_clock_does(
+        clocked: Gateway, session: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Work pending in every channel (a failing modem, an SMTP server that holds
+    the DATA answer, an OTP), the clock stepped forward and back around stops."""
+    gw = clocked
+    await gw.sim.start()
+    await modem_ready(gw)
+    gw.sim.set_fault("error", code=38)  # each SMS fails and waits for its retry
+    gw.sink.delay = 30.0  # the server takes the mail and holds its 250: in flight at stop
+    gw.smtp.start()
+    for i in range(3):
+        assert (await gw.call("send-sms", sms(f"p-sms-{i}", gw.clock() + 900)))[
+            "response_code"] == "1111"
+        assert (await gw.call("send-email", email(f"p-mail-{i}", gw.clock() + 900)))[
+            "response_code"] == "1111"
+    body = await gw.call("request-otp", {"receiver": NUMBER, "reference": "p-otp",
+                                         "message": "Code %s [[p-otp]]",
+                                         "expiration": int(gw.clock() + 900)})
+    assert body["response_code"] == "1111", body
+    await wait_for(lambda: gw.sink.tags(), 10, "a mail in flight")
+    await asyncio.sleep(0.3)  # the SMS failed at least once
+
+    caplog.set_level(logging.WARNING, logger="otpd")
+    gw.clock.jump(120)  # forward, short of every expiration
+    assert await timed_stop(gw) < STOP_LIMIT
+    gw.clock.jump(-2 * HOUR)  # back while it was down
+    gw.sink.delay = 0.0
+    gw.run = await start_daemon(gw.config, session)
+    await asyncio.sleep(0.5)  # the resumed messages are being tried again
+    assert await timed_stop(gw, jump_during=-HOUR) < STOP_LIMIT
+    gw.clock.jump(3 * HOUR - 120 - 600)  # forward again during the pause, still unexpired
+    gw.run = await start_daemon(gw.config, session)
+    assert await timed_stop(gw, jump_during=HOUR / 4) < STOP_LIMIT
+    assert "gave up" not in caplog.text
+    # Nothing was lost on the way: the pending SMS are still pending, the mails went out
+    # (the one in flight at the first stop may twice: the server had it, no 250 came).
+    gw.run = await start_daemon(gw.config, session)
+    for i in range(3):
+        status, _ = await gw.outcome("send-sms", sms(f"p-sms-{i}"))
+        assert status == "pending", (i, status)
+    await wait_for(lambda: {f"p-mail-{i}" for i in range(3)} <= set(gw.sink.tags()), 10,
+                   "the pending mails")

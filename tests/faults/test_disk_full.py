@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from otpd.aio import within
 from tests.conftest import Client, free_port, write_config
 from tests.faults.conftest import (
     DaemonProcess,
@@ -106,7 +107,7 @@ async def test_store_disk_full(tmp_path: Path, small_disk: Path,
         # Commands that need a write are refused as soon as the store cannot take them.
         refused: tuple[int, dict[str, object]] | None = None
         for _ in range(300):
-            status, body = await asyncio.wait_for(send(), 15)
+            status, body = await within(15, send())
             if body["response_code"] != "1111":
                 refused = (status, body)
                 break
@@ -115,7 +116,7 @@ async def test_store_disk_full(tmp_path: Path, small_disk: Path,
         assert (status, body["response_code"]) == (503, "1102"), refused
         assert "store" in str(body.get("message", "")), body
         for _ in range(3):  # still refused, still answering
-            status, body = await asyncio.wait_for(send(), 15)
+            status, body = await within(15, send())
             assert (status, body["response_code"]) == (503, "1102"), body
         # The daemon keeps serving what needs no write.
         status, body = await client.call("echo", {"ping": 1})

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from otpd.aio import within
 from otpd.sms import pdu
 from otpd.sms.cli import add_parser
 from otpd.sms.modem import Modem
@@ -141,7 +142,7 @@ async def test_cli_simulate_and_probe_processes(tmp_path: Path) -> None:
     )
     try:
         assert sim.stdout is not None
-        line = await asyncio.wait_for(sim.stdout.readline(), 10)
+        line = await within(10, sim.stdout.readline())
         assert b"simulated wavecom modem" in line
         probe = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "import sys; from otpd.sms.cli import add_parser;"
@@ -150,11 +151,11 @@ async def test_cli_simulate_and_probe_processes(tmp_path: Path) -> None:
             "modem", "probe", str(link), "--pin", "1357", "--timeout", "1",
             stdout=asyncio.subprocess.PIPE, env=env,
         )
-        out, _ = await asyncio.wait_for(probe.communicate(), 20)
+        out, _ = await within(20, probe.communicate())
         assert probe.returncode == 0
         result = json.loads(out)
         assert result["manufacturer"] == "WAVECOM MODEM" and result["signal"]["csq"] == 18
     finally:
         sim.terminate()
-        assert await asyncio.wait_for(sim.wait(), 10) == 0
+        assert await within(10, sim.wait()) == 0
     assert not link.exists()  # cleaned up on SIGTERM

@@ -31,6 +31,7 @@ from paho.mqtt.properties import Properties
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
+from otpd.aio import within
 from otpd.broker import BrokerConfig, BrokerServer
 from otpd.sms.simulator import ModemSimulator, SentMessage
 from otpd.transports.consumer import Consumer
@@ -431,7 +432,7 @@ class WsLink(Link):
     async def request(self, body: bytes, callback: str, timeout: float = 10.0) -> dict[str, Any]:
         async with self._connect(callback) as ws:
             await self.publish(body)
-            frame = await asyncio.wait_for(ws.recv(), timeout)
+            frame = await within(timeout, ws.recv())
         result: dict[str, Any] = json.loads(frame)
         return result
 

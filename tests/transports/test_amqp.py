@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from otpd.aio import within
 from otpd.transports.amqp import AmqpConsumer
 from tests.conftest import wait_until
 from tests.transports.conftest import Gateway, command, otp_in, receiver, unique
@@ -242,7 +243,7 @@ async def test_stop_lets_an_in_flight_command_finish(
     to = receiver()
     await publish_like_php(amqp, topic, command(
         "send-email", {"receiver": to, "subject": "S", "message": "in flight"}))
-    await asyncio.wait_for(entered.wait(), 10)
+    await within(10, entered.wait())
     await gateway.stop(consumer)  # returns once the command is stored and acked
     assert not consumer.connected
     assert await queue_depth(amqp, topic) == 0

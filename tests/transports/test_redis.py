@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from otpd.aio import within
 from otpd.transports.redis_consumer import RedisConsumer
 from tests.conftest import wait_until
 from tests.transports.conftest import Gateway, command, otp_in, receiver, unique
@@ -261,7 +262,7 @@ async def test_stream_stop_acknowledges_what_is_in_flight(
     to = receiver()
     await redis.xadd(topic, {"message": command(
         "send-email", {"id": "f1", "receiver": to, "subject": "S", "message": "in flight"})})
-    await asyncio.wait_for(entered.wait(), 10)
+    await within(10, entered.wait())
     await gateway.stop(consumer)  # returns once the command is stored and XACKed
     assert await pending(redis, topic) == 0
     await gateway.mail(to)

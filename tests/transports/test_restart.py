@@ -43,6 +43,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, DeliveryMode
 from paho.mqtt.enums import CallbackAPIVersion
 from redis.asyncio import Redis
 
+from otpd.aio import within
 from tests.conftest import RABBIT_URL, SmtpServer, free_port, wait_until
 from tests.transports.conftest import command, receiver, require_tcp
 from tests.transports.links import AmqpLink, Link, MqttLink, Node, RedisStreamLink, start_node
@@ -77,7 +78,7 @@ class Traffic:
         i = 0
         while not self.done.is_set():
             try:
-                ok = await asyncio.wait_for(self.publish(body(i)), 5)
+                ok = await within(5, self.publish(body(i)))
             except Exception:
                 ok = False
             if ok:
@@ -185,7 +186,7 @@ async def test_rabbitmq_restart_loses_no_confirmed_message(
         nonlocal conn
         old, conn = conn, None
         if old is not None:
-            await asyncio.wait_for(old.close(), 2)
+            await within(2, old.close())
 
     async def restart() -> None:
         stopped = False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import ssl
@@ -11,6 +10,7 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
+from otpd.aio import within
 from otpd.broker import BrokerConfig, BrokerServer
 from otpd.transports.ws import WsConsumer, topic_url
 from tests.conftest import wait_until
@@ -63,7 +63,7 @@ async def php_request(port: int, topic: str, body: bytes, callback: str) -> dict
     """Publish, then open the callback topic and read one frame within 10 s."""
     await php_publish(port, topic, body)
     async with php_connect(port, callback) as ws:
-        frame = await asyncio.wait_for(ws.recv(), 10)
+        frame = await within(10, ws.recv())
     result: dict[str, Any] = json.loads(frame)
     return result
 
