@@ -23,7 +23,7 @@ import logging
 import os
 import random
 from collections.abc import Awaitable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -53,8 +53,10 @@ def backoff_delay(attempt: int, low: float, high: float) -> float:
     return random.uniform(max(low, cap / 2), cap)
 
 
-def where(task: asyncio.Task[object]) -> str:
+def where(task: asyncio.Future[Any]) -> str:
     """The task's name and the innermost line it waits on (for stop logs)."""
+    if not isinstance(task, asyncio.Task):
+        return repr(task)
     coro: object = task.get_coro()
     place = ""
     while coro is not None:
@@ -113,7 +115,10 @@ async def bounded(aw: Awaitable[T], what: str, log: logging.Logger,
     """Run one stop step (``aw``) in its own task, saying every second what it
     still waits for; after ``bound`` seconds it is cancelled (see
     :func:`cancel_and_wait`) and None returned. Its exception, if any, is logged."""
-    task: asyncio.Task[T] = asyncio.ensure_future(aw)
+    async def step() -> T:
+        return await aw
+
+    task = asyncio.create_task(step(), name=what)
     loop = asyncio.get_running_loop()
     started = loop.time()
     while not task.done():

@@ -95,6 +95,9 @@ async def test_bounded_step_reports_and_returns(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.WARNING):
         assert await bounded(slow(), "a slow step", logging.getLogger("test"), bound=5) == "done"
     assert "stopping a slow step: still waiting after 1.0 s" in caplog.text
+    # A gathering future (not a task) as the step, as Daemon.stop() passes.
+    assert await bounded(asyncio.gather(slow(), slow()), "both", logging.getLogger("test"),
+                         bound=5) == ["done", "done"]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert await bounded(slow(), "a hung step", logging.getLogger("test"),
