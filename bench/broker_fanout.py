@@ -244,7 +244,7 @@ def main() -> int:
     if not 1 <= args.rounds <= 10:
         parser.error("rounds must be 1..10")
 
-    from otpd.htpasswd import hash_password
+    from otpd.auth.htpasswd import hash_password
 
     with tempfile.TemporaryDirectory() as tmp:
         users = Path(tmp) / "users"

@@ -82,13 +82,13 @@ from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 from websockets.sync.client import connect as ws_connect_sync  # noqa: E402
 
 from otpd.aio import within  # noqa: E402
-from otpd.app import Daemon  # noqa: E402
-from otpd.config import parse_settings  # noqa: E402
-from otpd.htpasswd import set_user  # noqa: E402
-from otpd.protocol import parse_request  # noqa: E402
+from otpd.app.daemon import Daemon  # noqa: E402
+from otpd.app.settings import parse_settings  # noqa: E402
+from otpd.auth.htpasswd import set_user  # noqa: E402
+from otpd.channels.sms.simulator import ModemSimulator, SentMessage  # noqa: E402
 from otpd.service import Service  # noqa: E402
-from otpd.sms.simulator import ModemSimulator, SentMessage  # noqa: E402
 from otpd.transports.consumer import Consumer, Inbound  # noqa: E402
+from otpd.wire.protocol import parse_request  # noqa: E402
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -31,7 +31,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from otpd.htpasswd import set_user  # noqa: E402
+from otpd.auth.htpasswd import set_user  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-password"
 TIME_LIMIT = 60.0

@@ -48,12 +48,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from otpd.channel import Job  # noqa: E402
-from otpd.delivery import DeliveryEngine, Result  # noqa: E402
+from otpd.channels.sms.pool import ModemPool  # noqa: E402
+from otpd.channels.sms.settings import ModemSettings, SmsSettings  # noqa: E402
+from otpd.channels.sms.simulator import ModemSimulator  # noqa: E402
+from otpd.delivery.channel import Job  # noqa: E402
+from otpd.delivery.engine import DeliveryEngine, Result  # noqa: E402
 from otpd.sealing import Sealer  # noqa: E402
-from otpd.sms.pool import ModemPool  # noqa: E402
-from otpd.sms.settings import ModemSettings, SmsSettings  # noqa: E402
-from otpd.sms.simulator import ModemSimulator  # noqa: E402
 from otpd.store import Inserted, NewMessage, SqliteStore  # noqa: E402
 
 LIFETIME = 3600.0

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from otpd.htpasswd import set_user  # noqa: E402
+from otpd.auth.htpasswd import set_user  # noqa: E402
 
 
 def free_port() -> int:

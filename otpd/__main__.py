@@ -1,3 +1,3 @@
-from otpd.cli import main
+from otpd.app.cli import main
 
 raise SystemExit(main())

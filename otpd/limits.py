@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from otpd.confread import Section
 from otpd.msisdn import InvalidReceiver, canonical_prefix, is_email
+from otpd.settings_reader import Section
 from otpd.store import RateLimit, Store
 
 DAY = 86400.0

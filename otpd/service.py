@@ -1,9 +1,9 @@
 """Executes commands: the only place where otpd's business rules live.
 
-Transports hand in a parsed :class:`~otpd.protocol.Envelope`; the service
+Transports hand in a parsed :class:`~otpd.wire.protocol.Envelope`; the service
 checks the receiver, block list and lifetimes, stores what must be sent (with
 the OTP hash, atomically), hands it to the delivery engine and answers with a
-:class:`~otpd.protocol.Response`.
+:class:`~otpd.wire.protocol.Response`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,25 @@ from typing import Any
 
 from otpd import otp as otpmod
 from otpd.aio import within
-from otpd.channel import Channel, Job
-from otpd.codes import Code
-from otpd.config import Settings
-from otpd.delivery import DeliveryEngine, Result
+from otpd.app.settings import Settings
+from otpd.delivery.channel import Channel, Job
+from otpd.delivery.engine import DeliveryEngine, Result
 from otpd.limits import Limiter
 from otpd.metrics import Metrics
 from otpd.msisdn import InvalidReceiver, canonical_receiver, is_email, mask
-from otpd.protocol import (
+from otpd.sealing import Sealer
+from otpd.store import (
+    Duplicate,
+    NewMessage,
+    NewOtp,
+    OtpRecord,
+    Store,
+    StoreError,
+    VerifyResult,
+)
+from otpd.store.records import VERIFY_RESPONSES
+from otpd.wire.codes import Code
+from otpd.wire.protocol import (
     BlockMsisdn,
     Command,
     Echo,
@@ -42,17 +53,6 @@ from otpd.protocol import (
     VerifyOtp,
     render_template,
 )
-from otpd.sealing import Sealer
-from otpd.store import (
-    Duplicate,
-    NewMessage,
-    NewOtp,
-    OtpRecord,
-    Store,
-    StoreError,
-    VerifyResult,
-)
-from otpd.store.records import VERIFY_RESPONSES
 
 log = logging.getLogger("otpd.service")
 

@@ -19,9 +19,9 @@ import aiohttp
 import pytest
 from aiosmtpd.controller import Controller
 
-from otpd.app import Daemon
-from otpd.config import Settings, parse_settings
-from otpd.htpasswd import set_user
+from otpd.app.daemon import Daemon
+from otpd.app.settings import Settings, parse_settings
+from otpd.auth.htpasswd import set_user
 
 API_USER = "app"
 # The services on the development and CI machines.

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from otpd.config import parse_settings
-from otpd.confread import ConfigError
+from otpd.app.settings import parse_settings
+from otpd.settings_reader import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from otpd.confread import Section
-from otpd.ddns import DdnsUpdater, resolve_addresses
-from otpd.ddns_settings import DdnsSettings, parse_ddns_settings, valid_hostname
+from otpd.app.ddns import DdnsUpdater, resolve_addresses
+from otpd.app.ddns_settings import DdnsSettings, parse_ddns_settings, valid_hostname
+from otpd.settings_reader import Section
 
 PASSWORD = "pw-" + uuid.uuid4().hex
 TOKEN = "tok-" + uuid.uuid4().hex

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from otpd import htpasswd
-from otpd.htpasswd import HtpasswdError, HtpasswdFile, hash_password, md5_crypt, set_user
+from otpd.auth import htpasswd
+from otpd.auth.htpasswd import HtpasswdError, HtpasswdFile, hash_password, md5_crypt, set_user
 
 # openwall crypt_blowfish test vectors (cost 05, which is also `htpasswd -B`'s
 # default), written with Apache's $2y$ prefix.
@@ -285,7 +285,7 @@ async def test_verify_async_logs_bad_reload_once(
     path = write(tmp_path, f"alice:{SHA_VECTOR[0]}\n")
     users = HtpasswdFile.load(path)
     path.write_text("broken\n")
-    caplog.set_level(logging.ERROR, logger="otpd.htpasswd")
+    caplog.set_level(logging.ERROR, logger="otpd.auth.htpasswd")
     for _ in range(3):
         users._next_reload_check = 0.0
         assert await users.verify_async("alice", "password")

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from otpd.channel import Job
-from otpd.jobqueue import SCAN_LIMIT, JobQueue
+from otpd.delivery.channel import Job
+from otpd.delivery.jobqueue import SCAN_LIMIT, JobQueue
 
 
 def job(i: int, expires_at: float = 100.0, receiver: str = "+62") -> Job:

@@ -51,8 +51,8 @@ def daemon_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def api_schema(daemon_url: str) -> schemathesis.schemas.BaseSchema:
     served = requests.get(daemon_url + "/api/openapi.yaml", timeout=5)
     assert served.status_code == 200
-    assert served.text == (ROOT / "otpd" / "openapi.yaml").read_text()
-    return schemathesis.openapi.from_path(ROOT / "otpd" / "openapi.yaml")
+    assert served.text == (ROOT / "otpd" / "transports" / "openapi.yaml").read_text()
+    return schemathesis.openapi.from_path(ROOT / "otpd" / "transports" / "openapi.yaml")
 
 
 def test_api_conforms(api_schema: schemathesis.schemas.BaseSchema, daemon_url: str) -> None:

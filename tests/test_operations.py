@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from otpd.htpasswd import set_user
+from otpd.auth.htpasswd import set_user
 from tests.conftest import (
     API_PASSWORD,
     API_USER,

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from otpd.codes import Code
-from otpd.protocol import (
+from otpd.wire.codes import Code
+from otpd.wire.protocol import (
     BlockMsisdn,
     ProtocolError,
     RequestOtp,

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from otpd.sms.simulator import ModemSimulator
+from otpd.channels.sms.simulator import ModemSimulator
 from tests.conftest import Running, start_daemon, write_config
 
 

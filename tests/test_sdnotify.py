@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from otpd import sdnotify
+from otpd.app import sdnotify
 
 
 class Receiver:

@@ -16,7 +16,7 @@ import aiohttp
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from otpd.sms.simulator import ModemSimulator
+from otpd.channels.sms.simulator import ModemSimulator
 from tests.conftest import API_PASSWORD, Client, free_port, write_config
 
 SMTP_PASSWORD = "smtp-Pa55word-secret"

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from otpd.aio import bounded, cancel_and_wait, raise_if_cancel_requested, within
-from otpd.channel import Delivered, Job, Outcome
-from otpd.codes import Code
-from otpd.config import SmtpAccount
-from otpd.delivery import DeliveryEngine, Result
-from otpd.mail import SmtpChannel
+from otpd.app.settings import SmtpAccount
+from otpd.channels.email import SmtpChannel
+from otpd.delivery.channel import Delivered, Job, Outcome
+from otpd.delivery.engine import DeliveryEngine, Result
 from otpd.sealing import Sealer
 from otpd.store import Inserted, NewMessage, SqliteStore
+from otpd.wire.codes import Code
 
 
 async def swallowed_cancel(answer: asyncio.Future[str]) -> str:
@@ -96,8 +96,9 @@ async def test_bounded_step_reports_and_returns(caplog: pytest.LogCaptureFixture
         assert await bounded(slow(), "a slow step", logging.getLogger("test"), bound=5) == "done"
     assert "stopping a slow step: still waiting after 1.0 s" in caplog.text
     # A gathering future (not a task) as the step, as Daemon.stop() passes.
-    assert await bounded(asyncio.gather(slow(), slow()), "both", logging.getLogger("test"),
-                         bound=5) == ["done", "done"]
+    both = await bounded(asyncio.gather(slow(), slow()), "both", logging.getLogger("test"),
+                         bound=5)
+    assert both is not None and list(both) == ["done", "done"]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert await bounded(slow(), "a hung step", logging.getLogger("test"),

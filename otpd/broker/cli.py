@@ -10,8 +10,8 @@ import ssl
 import sys
 from pathlib import Path
 
+from otpd.auth.htpasswd import HtpasswdError
 from otpd.broker.server import BrokerConfig, BrokerServer
-from otpd.htpasswd import HtpasswdError
 
 log = logging.getLogger("otpd.broker")
 

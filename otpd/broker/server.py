@@ -40,9 +40,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from otpd.broker.auth import parse_basic_auth
+from otpd.auth.basic import parse_basic_auth
+from otpd.auth.htpasswd import HtpasswdFile
 from otpd.broker.hub import Hub, Subscriber
-from otpd.htpasswd import HtpasswdFile
 
 log = logging.getLogger("otpd.broker")
 # websockets' own logger. Its DEBUG output quotes frame payloads (OTP codes) and

@@ -40,10 +40,10 @@ from otpd.client.managed import Issued, ManagedOtps
 from otpd.client.otpstore import OtpStore, open_store
 from otpd.client.response import OtpResponse
 from otpd.client.transports import Transport, build_transport
-from otpd.codes import Code
-from otpd.confread import ConfigError
 from otpd.msisdn import mask
-from otpd.protocol import ProtocolError, parse_object
+from otpd.settings_reader import ConfigError
+from otpd.wire.codes import Code
+from otpd.wire.protocol import ProtocolError, parse_object
 
 log = logging.getLogger("otpd.client")
 

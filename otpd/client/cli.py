@@ -22,7 +22,7 @@ from otpd.client.api import AsyncOtpClient
 from otpd.client.config import METHODS, ClientConfig, default_config_path, load_client_config
 from otpd.client.errors import OtpClientError, ReplyTimeout
 from otpd.client.response import OtpResponse
-from otpd.confread import ConfigError
+from otpd.settings_reader import ConfigError
 
 EXIT_OK = 0
 EXIT_REFUSED = 1

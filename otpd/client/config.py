@@ -89,7 +89,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from otpd.confread import ConfigError, Section
+from otpd.settings_reader import ConfigError, Section
 
 METHODS = ("rest", "amqp", "redis", "mqtt", "ws")
 DEFAULT_CLIENT_CONFIG = Path("/etc/otpd/client.toml")

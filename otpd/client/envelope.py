@@ -3,7 +3,7 @@
 ``date_time`` is the current unix time in seconds and ``expiration`` is
 ``date_time + lifetime``, both integers, as OTP-Publisher sends them. When a
 signing key is configured, every envelope is signed as
-:mod:`otpd.transports.signing` describes (after ``callback_topic`` is set, so
+:mod:`otpd.wire.signing` describes (after ``callback_topic`` is set, so
 the signature covers it).
 """
 
@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from otpd.transports.signing import sign
+from otpd.wire.signing import sign
 
 PARAM_COUNT = 4
 

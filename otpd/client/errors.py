@@ -9,7 +9,7 @@ never an exception. Exceptions mean the library could not get an answer:
   within the timeout (a ``TimeoutError``). It may still be executed.
 * :class:`OtpStoreError`: the local OTP store of ``manage_otp`` mode failed.
 
-Configuration errors are :class:`otpd.confread.ConfigError`, one line per key.
+Configuration errors are :class:`otpd.settings_reader.ConfigError`, one line per key.
 """
 
 from __future__ import annotations

@@ -21,15 +21,15 @@ from otpd.client.config import ManageOtpConfig
 from otpd.client.envelope import Params
 from otpd.client.otpstore import OtpStore, StoredOtp
 from otpd.client.response import OtpResponse
-from otpd.codes import Code
 from otpd.msisdn import InvalidReceiver, canonical_receiver
-from otpd.protocol import (
+from otpd.store.records import VERIFY_RESPONSES
+from otpd.wire.codes import Code
+from otpd.wire.protocol import (
     MAX_REFERENCE_CHARS,
     ProtocolError,
     check_template,
     render_template,
 )
-from otpd.store.records import VERIFY_RESPONSES
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from otpd.client.errors import TransportError
-from otpd.codes import Code
+from otpd.wire.codes import Code
 
 _ACCEPTED = (Code.SUCCESS.value, Code.PENDING.value)
 
@@ -28,7 +28,7 @@ class OtpResponse:
 
     @property
     def code(self) -> Code | None:
-        """The code as :class:`otpd.codes.Code`, or None for a code otpd does not know."""
+        """The code as :class:`otpd.wire.codes.Code`, or None for a code otpd does not know."""
         try:
             return Code(self.response_code)
         except ValueError:

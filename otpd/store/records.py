@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from otpd.codes import Code
+from otpd.wire.codes import Code
 
 
 class StoreError(Exception):

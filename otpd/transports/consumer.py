@@ -10,7 +10,7 @@ message into one command:
   once as a warning, acknowledged and dropped (never redelivered, so it cannot
   block the queue), with an error reply when a callback topic can be found;
 * with ``require_signature``: unsigned or badly signed commands are dropped
-  the same way, the reply code is 1100 (see :mod:`otpd.transports.signing`);
+  the same way, the reply code is 1100 (see :mod:`otpd.wire.signing`);
 * otherwise the service runs it; the message is acknowledged as soon as the
   command is durably stored (``on_stored``), or when the service answers for
   commands that store nothing. A *transient* answer (the store failed) is not
@@ -38,16 +38,16 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from otpd.aio import backoff_delay, cancel_and_wait, within
-from otpd.codes import Code
-from otpd.protocol import (
+from otpd.transports.settings import Common
+from otpd.wire.codes import Code
+from otpd.wire.protocol import (
     MAX_CALLBACK_DELAY_MS,
     ProtocolError,
     Response,
     error_response,
     parse_request,
 )
-from otpd.transports.settings import BrokerSettings, Common
-from otpd.transports.signing import SignatureError, verify
+from otpd.wire.signing import SignatureError, verify
 
 if TYPE_CHECKING:
     from otpd.service import Service
@@ -223,7 +223,7 @@ class Consumer(ABC):
             attempt += 1
             log.warning("%s: reconnecting in %.1f s (%s)", self.name, delay, self._last_error)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):  # not wait_for: see otpd/delivery.py
+                async with asyncio.timeout(delay):  # not wait_for: see otpd/delivery/engine.py
                     await self._stopping.wait()
 
     def _set_connected(self, up: bool, detail: str = "") -> None:
@@ -380,27 +380,3 @@ class Consumer(ABC):
                 self._note_error(exc)
                 log.warning("%s: reply (%s %s) not sent: %s", self.name, response.command,
                             response.code.value, self._describe(exc))
-
-
-def build_consumers(settings: BrokerSettings, service: Service,
-                    default_wait: float) -> list[Consumer]:
-    """One consumer per enabled broker table. Client libraries are imported only
-    for the brokers configured."""
-    consumers: list[Consumer] = []
-    if settings.amqp is not None and settings.amqp.common.enabled:
-        from otpd.transports.amqp import AmqpConsumer
-
-        consumers.append(AmqpConsumer(settings.amqp, service, default_wait))
-    if settings.redis is not None and settings.redis.common.enabled:
-        from otpd.transports.redis_consumer import RedisConsumer
-
-        consumers.append(RedisConsumer(settings.redis, service, default_wait))
-    if settings.mqtt is not None and settings.mqtt.common.enabled:
-        from otpd.transports.mqtt import MqttConsumer
-
-        consumers.append(MqttConsumer(settings.mqtt, service, default_wait))
-    if settings.ws is not None and settings.ws.common.enabled:
-        from otpd.transports.ws import WsConsumer
-
-        consumers.append(WsConsumer(settings.ws, service, default_wait))
-    return consumers

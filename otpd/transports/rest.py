@@ -9,8 +9,6 @@ what happens, not the path.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import math
@@ -23,19 +21,20 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from otpd.codes import Code
-from otpd.config import ServerSettings
+from otpd.app.settings import ServerSettings
+from otpd.auth.basic import parse_basic_auth
+from otpd.auth.htpasswd import HtpasswdFile
 from otpd.errors import StartupError
-from otpd.htpasswd import HtpasswdFile
 from otpd.metrics import Metrics
-from otpd.protocol import (
+from otpd.service import Service
+from otpd.wire.codes import Code
+from otpd.wire.protocol import (
     COMMAND_NAMES,
     ProtocolError,
     Response,
     error_response,
     parse_request,
 )
-from otpd.service import Service
 
 log = logging.getLogger("otpd.rest")
 
@@ -59,23 +58,6 @@ def _error(code: Code, message: str, status: int, command: str = "",
            headers: dict[str, str] | None = None) -> web.Response:
     return json_response(Response(command or "unknown", code, {}, message).to_json(), status,
                          headers)
-
-
-def parse_basic_auth(header: str) -> tuple[str, str] | None:
-    """``Basic base64(user:pass)`` -> (user, pass); split at the first colon."""
-    scheme, _, value = header.strip().partition(" ")
-    if scheme.lower() != "basic" or not value:
-        return None
-    try:
-        raw = base64.b64decode(value.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    user, sep, password = text.partition(":")
-    return (user, password) if sep and user else None
 
 
 class Health(Protocol):
@@ -121,7 +103,8 @@ class RestApi:
             log.info("reloaded TLS certificate %s", self.settings.tls_cert)
 
     async def _openapi(self, request: web.Request) -> web.Response:
-        text = resources.files("otpd").joinpath("openapi.yaml").read_text(encoding="utf-8")
+        document = resources.files("otpd.transports").joinpath("openapi.yaml")
+        text = document.read_text(encoding="utf-8")
         return web.Response(text=text, content_type="application/yaml")
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -205,7 +188,8 @@ class RestApi:
             return _error(Code.FAILED, "internal error; nothing was done", 500)
 
     async def _authenticate(self, request: web.Request) -> str | None:
-        creds = parse_basic_auth(request.headers.get("Authorization", ""))
+        creds = parse_basic_auth(request.headers.get("Authorization", ""), raw_form=False,
+                                 latin1=True)
         if creds is None or self.users is None:
             return None
         user, password = creds

@@ -32,7 +32,7 @@ import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from otpd.confread import Section
+from otpd.settings_reader import Section
 
 DEFAULT_TOPIC = "sms"
 MAX_TOPIC_CHARS = 255

@@ -16,8 +16,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from otpd.aio import within
+from otpd.auth.htpasswd import hash_password
 from otpd.broker import BrokerConfig, BrokerServer
-from otpd.htpasswd import hash_password
 
 PASSWORDS = {"alice": "alice-pw", "bob": "b:o:b", "kamshory": "kamshory"}
 

@@ -11,8 +11,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage, InvalidStatus
 
+from otpd.auth.basic import parse_basic_auth
 from otpd.broker import BrokerConfig, BrokerServer
-from otpd.broker.auth import parse_basic_auth
 
 from .conftest import MakeBroker, RawClient, basic, client, recv_text, wait_for
 
@@ -125,7 +125,7 @@ async def test_raw_user_user_header_like_otp_publisher(broker: BrokerServer) -> 
 
 
 async def test_users_file_reloaded(broker: BrokerServer, users_file: Path) -> None:
-    from otpd.htpasswd import set_user
+    from otpd.auth.htpasswd import set_user
 
     set_user(users_file, "carol", "carol-pw", cost=4)
     assert broker._users is not None

@@ -20,10 +20,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from otpd.auth.htpasswd import hash_password
 from otpd.broker import BrokerConfig, BrokerServer
+from otpd.channels.sms.simulator import ModemSimulator
 from otpd.client import AsyncOtpClient, ClientConfig, parse_client_config
-from otpd.htpasswd import hash_password
-from otpd.sms.simulator import ModemSimulator
 from tests.conftest import (
     API_PASSWORD,
     API_USER,

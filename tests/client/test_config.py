@@ -10,7 +10,7 @@ import pytest
 import otpd.client.config as config_module
 from otpd.client import load_client_config, parse_client_config
 from otpd.client.config import default_config_path
-from otpd.confread import ConfigError
+from otpd.settings_reader import ConfigError
 
 
 def example_toml() -> str:

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from otpd.client.envelope import encode, envelope
-from otpd.protocol import parse_request
-from otpd.transports.signing import SignatureError, verify
+from otpd.wire.protocol import parse_request
+from otpd.wire.signing import SignatureError, verify
 from tests.client.conftest import MakeGateway, phone
 
 KEY = "a-shared-signing-key-0123456789"

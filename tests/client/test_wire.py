@@ -14,7 +14,7 @@ import pytest
 
 from otpd.client import AsyncOtpClient, OtpResponse, TransportError, parse_client_config
 from otpd.client.transports import Inbox, Transport
-from otpd.protocol import parse_request
+from otpd.wire.protocol import parse_request
 
 
 class Recorder(Transport):
@@ -104,7 +104,7 @@ async def test_wait_result_and_reply_addressing() -> None:
 
 
 async def test_signing_covers_the_callback_topic() -> None:
-    from otpd.transports.signing import verify
+    from otpd.wire.signing import verify
 
     t = Recorder()
     await client(t, '[client]\nsigning_key = "k-0123456789abcdef"\n').verify_otp("0812", "1", "r")

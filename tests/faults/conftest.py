@@ -47,10 +47,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
-from otpd import control
 from otpd.aio import within
+from otpd.app import control
+from otpd.auth.htpasswd import hash_password
 from otpd.broker import BrokerConfig, BrokerServer
-from otpd.htpasswd import hash_password
 from tests.conftest import (
     MQTT_HOST,
     MQTT_PORT,

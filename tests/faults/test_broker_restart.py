@@ -34,9 +34,9 @@ import aiohttp
 import pytest
 
 from otpd.aio import within
-from otpd.protocol import parse_request
 from otpd.store import Duplicate, Inserted, NewMessage, NewOtp
 from otpd.transports.consumer import Consumer
+from otpd.wire.protocol import parse_request
 from tests.conftest import free_port, start_daemon, write_config
 from tests.faults.conftest import (
     APP_USER,

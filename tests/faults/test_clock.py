@@ -31,12 +31,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-import otpd.app
-import otpd.sms.pool
-from otpd.delivery import DeliveryEngine
+import otpd.app.daemon
+import otpd.channels.sms.pool
+from otpd.channels.sms.pool import ModemPool
+from otpd.channels.sms.simulator import ModemSimulator
+from otpd.delivery.engine import DeliveryEngine
 from otpd.service import Service
-from otpd.sms.pool import ModemPool
-from otpd.sms.simulator import ModemSimulator
 from tests.conftest import Running, free_port, start_daemon, write_config
 from tests.faults.conftest import (
     SMS_FAST,
@@ -90,10 +90,11 @@ async def clocked(tmp_path: Path, session: aiohttp.ClientSession,
                   ) -> AsyncIterator[Gateway]:
     """A daemon on a jumpable clock, its SMTP server and modem both stopped."""
     clock = FakeClock()
-    monkeypatch.setattr(otpd.app, "DeliveryEngine", functools.partial(DeliveryEngine,
+    monkeypatch.setattr(otpd.app.daemon, "DeliveryEngine", functools.partial(DeliveryEngine,
                                                                       clock=clock))
-    monkeypatch.setattr(otpd.app, "Service", functools.partial(Service, clock=clock))
-    monkeypatch.setattr(otpd.sms.pool, "ModemPool", functools.partial(ModemPool, clock=clock))
+    monkeypatch.setattr(otpd.app.daemon, "Service", functools.partial(Service, clock=clock))
+    monkeypatch.setattr(otpd.channels.sms.pool, "ModemPool",
+                        functools.partial(ModemPool, clock=clock))
     limits: str = getattr(request, "param", "enabled = false")  # [limits] table
     sink = TimedSink(clock=clock)
     smtp = SmtpControl(sink, free_port())

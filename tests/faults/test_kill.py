@@ -44,7 +44,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from otpd.sms.simulator import ModemSimulator
+from otpd.channels.sms.simulator import ModemSimulator
 from tests.conftest import Client, free_port, write_config
 from tests.faults.conftest import (
     APP_USER,

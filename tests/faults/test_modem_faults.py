@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from otpd.sms.simulator import ModemSimulator
+from otpd.channels.sms.simulator import ModemSimulator
 from tests.conftest import Running, start_daemon, write_config
 from tests.faults.conftest import SMS_FAST, modem_table, tag_of, tagged, wait_for
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from otpd import control
+from otpd.app import control
 from tests.conftest import free_port, start_daemon, write_config
 from tests.faults.conftest import SmtpControl, TimedSink, tagged, wait_for
 

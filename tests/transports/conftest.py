@@ -20,11 +20,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from otpd.auth.htpasswd import hash_password
 from otpd.broker import BrokerConfig, BrokerServer
-from otpd.confread import ConfigError, Section
-from otpd.htpasswd import hash_password
+from otpd.settings_reader import ConfigError, Section
 from otpd.store import StoreError
-from otpd.transports.consumer import Consumer, build_consumers
+from otpd.transports.consumer import Consumer
+from otpd.transports.registry import build_consumers
 from otpd.transports.settings import BrokerSettings, parse_broker_settings
 from tests.conftest import (
     MQTT_HOST,

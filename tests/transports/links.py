@@ -33,7 +33,7 @@ from websockets.asyncio.client import connect
 
 from otpd.aio import within
 from otpd.broker import BrokerConfig, BrokerServer
-from otpd.sms.simulator import ModemSimulator, SentMessage
+from otpd.channels.sms.simulator import ModemSimulator, SentMessage
 from otpd.transports.consumer import Consumer
 from tests.conftest import (
     MQTT_HOST,

@@ -12,7 +12,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from redis.asyncio import Redis
 
-from otpd.transports.signing import sign
+from otpd.wire.signing import sign
 from tests.conftest import wait_until
 from tests.transports.conftest import Gateway, command, receiver, unique
 from tests.transports.test_amqp import php_reply, publish_like_php

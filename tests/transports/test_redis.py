@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from otpd.aio import within
-from otpd.transports.redis_consumer import RedisConsumer
+from otpd.transports.redis import RedisConsumer
 from tests.conftest import wait_until
 from tests.transports.conftest import Gateway, command, otp_in, receiver, unique
 

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from otpd.aio import backoff_delay
-from otpd.confread import ConfigError
+from otpd.settings_reader import ConfigError
 from otpd.transports.consumer import loose_callback, safe_url
 from tests.transports.conftest import broker_settings
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from otpd.transports.signing import SignatureError, canonical_bytes, sign, verify
+from otpd.wire.signing import SignatureError, canonical_bytes, sign, verify
 
 NOW = 1_700_000_000
 ENV = {"command": "send-sms", "callback_topic": "cb/1",

@@ -26,7 +26,7 @@ from otpd.client.config import RedisConfig
 from otpd.client.errors import TransportError
 from otpd.client.transports.base import Inbox, Transport, cleanup
 from otpd.transports.consumer import safe_url
-from otpd.transports.redis_consumer import FIELD, entry_body
+from otpd.transports.redis import FIELD, entry_body
 
 POLL = 1.0  # s per pub/sub read
 BLOCK_MS = 5000  # ms per blocking XREAD

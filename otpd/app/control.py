@@ -1,0 +1,151 @@
+"""Operator control socket: ``otpd status``, ``block``, ``unblock``, ``blocklist``, ``outbox``.
+
+A Unix socket (mode 0660: root and the otpd group) speaking one JSON object
+per line each way. It never shows message text or full numbers: receivers
+are masked as in the logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from otpd.aio import within
+from otpd.msisdn import InvalidReceiver, canonical_receiver, mask
+from otpd.store import Store
+
+log = logging.getLogger("otpd.app.control")
+
+_MAX_LINE = 4096
+
+
+class ControlServer:
+    def __init__(self, path: Path, store: Store, status: Callable[[], dict[str, Any]],
+                 country_code: str, now: Callable[[], float]) -> None:
+        self.path = path
+        self.store = store
+        self.status = status
+        self.country_code = country_code
+        self.now = now
+        self._server: asyncio.AbstractServer | None = None
+        self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "status": self._status,
+            "block": self._block,
+            "unblock": self._unblock,
+            "blocklist": self._blocklist,
+            "outbox": self._outbox,
+        }
+
+    async def start(self) -> bool:
+        if self.path.exists() and await _answers(self.path):
+            log.error("control.socket: another otpd answers on %s; this one has no control"
+                      " socket (give each daemon its own control.socket)", self.path)
+            return False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # a stale socket from a crash
+            old = os.umask(0o117)
+            try:
+                self._server = await asyncio.start_unix_server(self._client, path=self.path,
+                                                               limit=_MAX_LINE)
+            finally:
+                os.umask(old)
+        except OSError as exc:
+            log.warning("control.socket: cannot listen on %s (%s); otpd status/block/outbox"
+                        " will not reach this daemon", self.path, exc.strerror or exc)
+            return False
+        return True
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await within(10, reader.readline())
+            answer = await self.handle(line)
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            op = self._ops[request["op"]]
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": f"unknown request; ops: {', '.join(self._ops)}"}
+        try:
+            return {"ok": True, **await op(request)}
+        except (InvalidReceiver, ValueError) as exc:
+            return {"ok": False, "error": str(exc)}
+
+    async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"status": self.status(), "counts": await self.store.counts()}
+
+    def _receiver(self, request: dict[str, Any]) -> str:
+        return canonical_receiver(str(request.get("receiver", "")), self.country_code)
+
+    async def _block(self, request: dict[str, Any]) -> dict[str, Any]:
+        receiver = self._receiver(request)
+        await self.store.block(receiver, self.now())
+        return {"receiver": receiver}
+
+    async def _unblock(self, request: dict[str, Any]) -> dict[str, Any]:
+        receiver = self._receiver(request)
+        return {"receiver": receiver, "removed": await self.store.unblock(receiver)}
+
+    async def _blocklist(self, request: dict[str, Any]) -> dict[str, Any]:
+        # The operator manages this list, so it shows full numbers.
+        return {"blocked": await self.store.blocked()}
+
+    async def _outbox(self, request: dict[str, Any]) -> dict[str, Any]:
+        states = request.get("states") or ["pending", "failed", "expired"]
+        limit = min(int(request.get("limit", 50)), 1000)
+        rows = await self.store.recent_messages(states, limit)
+        return {"messages": [
+            {"id": r.id, "command": r.command, "channel": r.channel,
+             "receiver": mask(r.receiver), "state": r.state, "code": r.code,
+             "reason": r.reason, "attempts": r.attempts, "via": r.via,
+             "created_at": r.created_at, "expires_at": r.expires_at}
+            for r in rows
+        ]}
+
+
+async def _answers(path: Path) -> bool:
+    try:
+        _, writer = await within(1.0, asyncio.open_unix_connection(path))
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def request(path: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """One request to a running daemon's control socket."""
+    reader, writer = await within(timeout, asyncio.open_unix_connection(path))
+    try:
+        writer.write(json.dumps(message).encode() + b"\n")
+        await writer.drain()
+        line = await within(timeout, reader.readline())
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    answer: dict[str, Any] = json.loads(line)
+    return answer

@@ -1,0 +1,306 @@
+"""The daemon: wires the store, channels, delivery engine, service and transports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sqlite3
+import ssl
+import time
+from typing import Any
+
+from otpd.aio import STOP_BOUND, bounded, cancel_and_wait, within
+from otpd.app import sdnotify
+from otpd.app.control import ControlServer
+from otpd.app.ddns import DdnsUpdater
+from otpd.app.ddns_settings import DdnsSettings
+from otpd.app.settings import Settings, StoreSettings, load_settings
+from otpd.auth.htpasswd import HtpasswdError, HtpasswdFile
+from otpd.channels.email import SmtpChannel
+from otpd.delivery.channel import Channel, WorkSource
+from otpd.delivery.engine import DeliveryEngine
+from otpd.errors import StartupError
+from otpd.limits import SimQuota
+from otpd.metrics import Metrics
+from otpd.otp import KeyFileError, load_or_create_key
+from otpd.sealing import Sealer
+from otpd.service import Service
+from otpd.settings_reader import ConfigError
+from otpd.store import SqliteStore, Store, StoreError
+from otpd.store.migrations import SchemaTooNew
+from otpd.transports.consumer import STOP_GRACE, Consumer
+from otpd.transports.registry import build_consumers
+from otpd.transports.rest import RestApi
+
+log = logging.getLogger("otpd")
+
+
+class NoModems:
+    """The SMS channel of an email-only install: every SMS is refused with 1000."""
+
+    name = "sms"
+
+    def configured(self) -> bool:
+        return False
+
+    def usable(self) -> bool:
+        return False
+
+    async def run(self, source: WorkSource) -> None:
+        await asyncio.Event().wait()
+
+    def status(self) -> dict[str, Any]:
+        return {"modems": []}
+
+
+def build_sms_channel(settings: Settings, store: Store) -> Channel:
+    if not settings.sms.modems:
+        return NoModems()
+    from otpd.channels.sms.pool import ModemPool
+
+    return ModemPool(settings.sms, country_code=settings.otp.country_code,
+                     quota=SimQuota(settings.limits, store))
+
+
+async def open_store(s: StoreSettings) -> Store:
+    try:
+        if s.backend == "redis":
+            from otpd.store.redis_state import RedisSharedStore  # only where configured
+
+            return await RedisSharedStore.open(s.path, s.redis_url, s.redis_prefix,
+                                               s.expired_grace, s.retention)
+        return await SqliteStore.open(s.path)
+    except (StoreError, SchemaTooNew, OSError, sqlite3.Error) as exc:
+        key = "store.redis_url" if "redis" in str(exc) else "store.path"
+        raise StartupError(f"{key}: cannot open the store: {exc}") from exc
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, channels: dict[str, Channel] | None = None) -> None:
+        self.settings = settings
+        self._channels = channels
+        self.store: Store | None = None
+        self.engine: DeliveryEngine | None = None
+        self.service: Service | None = None
+        self.rest: RestApi | None = None
+        self.users: HtpasswdFile | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.consumers: list[Consumer] = []
+        self.metrics: Metrics | None = None
+        self.control: ControlServer | None = None
+        self.ddns: DdnsUpdater | None = None
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings
+        try:
+            key = load_or_create_key(s.otp.key_file)
+        except (KeyFileError, OSError) as exc:
+            raise StartupError(str(exc) if isinstance(exc, KeyFileError)
+                               else f"otp.key_file: {s.otp.key_file}: {exc.strerror}") from exc
+        self.store = await open_store(s.store)
+        channels = self._channels or {
+            "sms": build_sms_channel(s, self.store),
+            "email": SmtpChannel(s.smtp, s.delivery.email_workers, s.delivery.retry_base,
+                                 s.delivery.retry_max),
+        }
+        sealer = Sealer(key)
+        if s.metrics.enabled:
+            self.metrics = Metrics()
+            self.metrics.watch(self.status)
+        self.engine = DeliveryEngine(self.store, channels, sealer, metrics=self.metrics)
+        await self.engine.start()
+        self.service = Service(s, self.store, self.engine, channels, key, sealer,
+                               metrics=self.metrics)
+        if s.server.enabled:
+            self.users = self._load_users()
+            self.rest = RestApi(s.server, self.service, self.users, s.delivery.wait,
+                                metrics=self.metrics, health=self,
+                                metrics_auth=s.metrics.require_auth)
+            await self.rest.start()
+        # The service's wall clock (block-list stamps): the same one its rules use.
+        self.control = ControlServer(s.control.socket, self.store, self.status,
+                                     s.otp.country_code, self.service.clock)
+        await self.control.start()
+        # Consumers connect in the background: a broker that is down must not
+        # keep the daemon (and its REST API) from starting.
+        self.consumers = build_consumers(s.brokers, self.service, s.delivery.wait)
+        for consumer in self.consumers:
+            await consumer.start()
+        self._tasks.append(asyncio.create_task(self._purge_loop(), name="purge"))
+        await self._apply_ddns(s.ddns)
+        self.started.set()
+
+    async def _apply_ddns(self, new: DdnsSettings | None) -> None:
+        """Start, reconfigure (a reload also clears a badauth/nohost/abuse stop)
+        or stop the DDNS updater."""
+        if new is None or not new.enabled:
+            if self.ddns is not None:
+                await self.ddns.stop()
+                self.ddns = None
+        elif self.ddns is not None:
+            await self.ddns.reconfigure(new)
+        else:
+            self.ddns = DdnsUpdater(new)
+            await self.ddns.start()
+
+    async def healthy(self) -> bool:
+        """systemd watchdog check. Being awaited at all proves the event loop
+        runs; then the store must take a write and the delivery engine's tasks
+        must be alive (and it must have been able to record its last result)."""
+        if self.store is None or self.engine is None:
+            return False
+        try:
+            await within(5.0, self.store.check_writable(local_only=True))
+        except (StoreError, TimeoutError):
+            return False
+        return self.engine.healthy and self.engine.alive()
+
+    def _load_users(self) -> HtpasswdFile | None:
+        path = self.settings.server.users_file
+        if not path.exists():
+            log.error("server.users_file: %s does not exist; every REST request will get 401"
+                      " (create a user with: otpd passwd USER)", path)
+            return None
+        try:
+            users = HtpasswdFile.load(path)
+        except HtpasswdError as exc:
+            log.error("server.users_file: %s", exc)
+            return None
+        for user in users.weak_entries:
+            log.warning("server.users_file: user %r has a plaintext or weak hash and is refused;"
+                        " reset it with: otpd passwd %s", user, user)
+        return users
+
+    async def stop(self) -> None:
+        """Stop in a bounded time whatever the clocks did: each step is limited
+        (``otpd.aio.bounded``) and logs what it still waits for after a second."""
+        if self.ddns is not None:
+            await bounded(self.ddns.stop(), "dynamic DNS", log)
+        if self.engine is not None:
+            self.engine.release_waiters()  # answer 1111 now instead of after delivery.wait
+        # Consumers first: in-flight commands still need the service and store.
+        # Each is bounded itself (STOP_GRACE for in-flight commands, then cancelled).
+        await bounded(asyncio.gather(*(c.stop() for c in self.consumers),
+                                     return_exceptions=True),
+                      "the broker consumers", log, bound=STOP_GRACE + 3 * STOP_BOUND)
+        self.consumers = []
+        await cancel_and_wait(self._tasks, "background tasks", log)
+        if self.control is not None:
+            await bounded(self.control.stop(), "the control socket", log)
+        if self.rest is not None:
+            await bounded(self.rest.stop(), "the REST API", log)
+        if self.engine is not None:
+            await bounded(self.engine.stop(), "the delivery engine", log, bound=2 * STOP_BOUND)
+        if self.store is not None:
+            await bounded(self.store.close(), "the store", log)
+
+    async def _purge_loop(self) -> None:
+        assert self.store is not None
+        s = self.settings.store
+        while True:
+            await asyncio.sleep(s.purge_interval)
+            now = self.service.clock() if self.service is not None else time.time()
+            try:
+                otps, msgs = await self.store.purge(now - s.expired_grace, now - s.retention)
+            except StoreError as exc:
+                log.error("purge failed: %s", exc)
+                continue
+            if otps or msgs:
+                log.info("purged %d expired OTP(s) and %d old message(s)", otps, msgs)
+
+    def status(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {}
+        return {
+            "pending": self.engine.pending_count(),
+            "pending_by_channel": {n: len(q.jobs) for n, q in self.engine.queues.items()},
+            "oldest_pending_age": self.engine.oldest_pending_age(),
+            "uncertain_resends": self.engine.uncertain_resends,
+            "channels": {name: q.channel.status() for name, q in self.engine.queues.items()},
+            "brokers": [c.status() for c in self.consumers],
+            "ddns": self.ddns.status() if self.ddns is not None else None,
+        }
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """/readyz: the store takes writes and at least one channel can send."""
+        assert self.store is not None and self.engine is not None
+        try:
+            await within(2.0, self.store.check_writable())
+            store_ok = True
+        except (StoreError, TimeoutError):
+            store_ok = False
+        usable = {n: q.channel.usable() for n, q in self.engine.queues.items()
+                  if q.channel.configured()}
+        ok = store_ok and any(usable.values())
+        return ok, {"store_writable": store_ok, "channels_usable": usable}
+
+    def reload(self) -> None:
+        """SIGHUP: users file, TLS certificate and log level, without dropping work."""
+        if self.users is not None:
+            try:
+                self.users.reload()
+            except HtpasswdError as exc:
+                log.error("reload: keeping the previous users: %s", exc)
+        elif self.rest is not None:
+            self.users = self._load_users()
+            self.rest.users = self.users
+        if self.rest is not None:
+            try:
+                self.rest.reload_tls()
+            except (OSError, ssl.SSLError) as exc:
+                log.error("reload: keeping the previous TLS certificate: %s", exc)
+        source = self.settings.source
+        if source is not None:
+            try:
+                fresh = load_settings(source)
+            except ConfigError as exc:
+                log.error("reload: %s is not valid, log level and ddns unchanged: %s",
+                          source, exc)
+            else:
+                logging.getLogger().setLevel(fresh.log.level.upper())
+                task = asyncio.get_running_loop().create_task(self._apply_ddns(fresh.ddns),
+                                                              name="ddns-reload")
+                self._tasks = [t for t in self._tasks if not t.done()] + [task]
+        log.info("reloaded users, TLS certificate, log level and ddns")
+
+
+async def run_until_signalled(daemon: Daemon) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reporter = sdnotify.StatusReporter(lambda: sdnotify.summary(daemon.status()))
+    watchdog = sdnotify.Watchdog(daemon.healthy)
+
+    def on_hup() -> None:
+        sdnotify.reloading()
+        daemon.reload()
+        sdnotify.ready()
+        reporter.report()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        try:
+            await daemon.start()
+        except StartupError as exc:
+            log.error("cannot start: %s", exc)
+            sdnotify.status(f"cannot start: {exc}")
+            raise
+        # Store open, listeners bound; modems and brokers come up in the background.
+        sdnotify.ready()
+        await reporter.start()  # STATUS= now, then on every change (checked every 10 s)
+        await watchdog.start()
+        log.info("otpd ready")
+        await stop.wait()
+        log.info("stopping")
+        sdnotify.stopping()
+    finally:
+        await reporter.stop()
+        await watchdog.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await daemon.stop()

@@ -1,0 +1,180 @@
+"""Email channel: SMTP accounts with failover, via aiosmtplib."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from email.message import EmailMessage
+from email.utils import formataddr, formatdate, make_msgid, parseaddr
+from typing import Any
+
+import aiosmtplib
+
+from otpd.aio import STOP_BOUND, cancel_and_wait, raise_if_cancel_requested
+from otpd.app.settings import SmtpAccount
+from otpd.delivery.channel import Delivered, Failed, Job, Outcome, Retry, WorkSource
+from otpd.msisdn import mask
+from otpd.wire.codes import Code
+
+log = logging.getLogger("otpd.channels.email")
+
+# How long an account that failed is tried only after the healthy ones.
+_ACCOUNT_COOLDOWN = 60.0
+
+
+class RecipientRejected(Exception):
+    """The server refused the recipient or the message for good (5xx)."""
+
+
+def build_message(account: SmtpAccount, job: Job) -> EmailMessage:
+    name, address = parseaddr(account.sender)
+    msg = EmailMessage()
+    msg["From"] = formataddr((name, address)) if name else address
+    msg["To"] = job.receiver
+    msg["Subject"] = job.subject
+    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    msg["Message-ID"] = make_msgid(domain=address.rpartition("@")[2] or None)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg.set_content(job.text, subtype="plain", charset="utf-8")
+    return msg
+
+
+class SmtpChannel:
+    name = "email"
+
+    def __init__(
+        self, accounts: tuple[SmtpAccount, ...], workers: int, retry_base: float, retry_max: float
+    ) -> None:
+        self.accounts = accounts
+        self.workers = workers
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self._failed_at: dict[str, float] = {}
+        self._last_error: dict[str, str] = {}
+        self.sent = 0
+        self.failed = 0
+        self._recording: set[asyncio.Future[None]] = set()  # outcomes being written
+
+    def configured(self) -> bool:
+        return bool(self.accounts)
+
+    def usable(self) -> bool:
+        return bool(self.accounts)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "accounts": [
+                {
+                    "name": a.name,
+                    "host": a.host,
+                    "port": a.port,
+                    "healthy": now - self._failed_at.get(a.name, -1e9) > _ACCOUNT_COOLDOWN,
+                    "last_error": self._last_error.get(a.name, ""),
+                }
+                for a in self.accounts
+            ],
+            "sent": self.sent,
+            "failed": self.failed,
+        }
+
+    async def run(self, source: WorkSource) -> None:
+        if not self.accounts:
+            await asyncio.Event().wait()  # nothing to do until cancelled
+        workers = [asyncio.create_task(self._worker(source), name=f"smtp-worker-{i}")
+                   for i in range(self.workers)]
+        try:
+            # Workers end only by a bug (raised here) or a cancellation.
+            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            # Not a TaskGroup or gather: they cancel their tasks once, and a worker
+            # inside an SMTP exchange can lose that one request (see otpd.aio).
+            await cancel_and_wait(workers, "the SMTP workers", log)
+            # Never cancelled: an outcome not recorded means a sent mail goes again.
+            if self._recording:
+                await asyncio.wait(set(self._recording), timeout=STOP_BOUND)
+
+    async def _worker(self, source: WorkSource) -> None:
+        while True:
+            job = await source.take()
+            try:
+                outcome = await self.deliver(job)
+            except Exception as exc:  # a bug must not stop the worker
+                log.exception("email %d: unexpected error", job.id)
+                outcome = Retry(f"internal error: {type(exc).__name__}", self._delay(job))
+            recording = asyncio.ensure_future(source.finish(job, outcome))
+            self._recording.add(recording)
+            recording.add_done_callback(self._recording.discard)
+            await asyncio.shield(recording)
+            # aiosmtplib may have swallowed a stop request (see otpd.aio): the
+            # outcome is on record, so stop now instead of taking more work.
+            raise_if_cancel_requested()
+
+    def _ordered_accounts(self) -> list[SmtpAccount]:
+        now = time.monotonic()
+        healthy = [a for a in self.accounts
+                   if now - self._failed_at.get(a.name, -1e9) > _ACCOUNT_COOLDOWN]
+        resting = [a for a in self.accounts if a not in healthy]
+        return healthy + resting
+
+    def _delay(self, job: Job) -> float:
+        base: float = min(self.retry_base * 2.0 ** min(job.attempts, 16), self.retry_max)
+        return base * random.uniform(0.8, 1.2)
+
+    async def deliver(self, job: Job) -> Outcome:
+        errors: list[str] = []
+        for account in self._ordered_accounts():
+            try:
+                await self._send_via(account, job)
+            except RecipientRejected as exc:
+                self.failed += 1
+                return Failed(f"rejected by {account.name}: {exc}", Code.FAILED)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                reason = _describe(exc)
+                self._failed_at[account.name] = time.monotonic()
+                self._last_error[account.name] = reason
+                errors.append(f"{account.name}: {reason}")
+                log.warning("email %d to %s: account %s failed: %s", job.id, mask(job.receiver),
+                            account.name, reason)
+                continue
+            self._failed_at.pop(account.name, None)
+            self.sent += 1
+            return Delivered(via=account.name)
+        return Retry("; ".join(errors) or "no SMTP account", self._delay(job))
+
+    async def _send_via(self, account: SmtpAccount, job: Job) -> None:
+        message = build_message(account, job)
+        try:
+            errors, _ = await aiosmtplib.send(
+                message,
+                hostname=account.host,
+                port=account.port,
+                username=account.username or None,
+                password=account.password or None,
+                use_tls=account.security == "tls",
+                start_tls=account.security == "starttls",
+                timeout=account.timeout,
+                validate_certs=account.validate_certs,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            if all(r.code >= 500 for r in exc.recipients):
+                raise RecipientRejected(_describe(exc)) from exc
+            raise
+        except aiosmtplib.SMTPDataError as exc:
+            if exc.code >= 500:
+                raise RecipientRejected(_describe(exc)) from exc
+            raise
+        if errors:  # a refused recipient among several (we only ever send to one)
+            raise RecipientRejected(str(errors))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {exc.message}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

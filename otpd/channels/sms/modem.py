@@ -1,0 +1,761 @@
+"""One GSM modem on a serial port: asyncio driver over the Sans-I/O AT parser.
+
+The port is opened with pyserial (termios setup, exclusive lock) and then
+driven through its file descriptor on the event loop, so no thread is needed.
+Only one AT exchange runs at a time (``asyncio.Lock``).
+
+Stored copies. Some modems keep a copy of every part they send in the SMS
+storage (STO SENT), other software leaves some (STO UNSENT), and a full
+storage makes a modem refuse to send (``+CMS ERROR: 322``) and to receive. A
+sweep (``cleanup_sent``: ``AT+CMGL=2``, ``AT+CMGL=3``, one ``AT+CMGD`` per
+copy, ``AT+CPMS?``) deletes them and never touches received messages, but it
+costs several exchanges, tens of milliseconds each on a real modem, so the
+driver does not sweep after every send. It sweeps:
+
+- at ``open()``, and right after the first send after ``open()``: that sweep
+  also learns whether this modem keeps copies of what it sends;
+- a modem that keeps copies: right after a send only when the next message
+  (up to ``max_parts`` parts) might not fit in the slots that were free at the
+  last sweep (after every send if ``AT+CPMS?`` does not tell), and otherwise
+  when the modem is idle (the pool calls
+  ``cleanup_sent`` once ``idle_sweep_at()`` has passed; ``sweep_wanted`` tells
+  it a send left copies behind);
+- a modem that keeps none: when idle after every ``RECHECK_PARTS`` parts, in
+  case it keeps some after all (e.g. failed sends as STO UNSENT);
+- and whatever slips through: a send refused with "memory full" sweeps and is
+  retried once on the same modem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import serial
+
+from otpd.channels.sms import pdu
+from otpd.channels.sms.at import (
+    ESC,
+    AtParser,
+    Event,
+    Final,
+    FinalKind,
+    Prompt,
+    Reply,
+    Stray,
+    Urc,
+    command,
+    encode_command,
+    encode_pdu,
+)
+from otpd.channels.sms.settings import ModemSettings
+from otpd.msisdn import mask
+
+log = logging.getLogger(__name__)
+
+# Answers meaning "not yet, ask again shortly" (SIM still initialising, busy).
+_NOT_READY = {(FinalKind.CME, 14), (FinalKind.CME, 515), (FinalKind.CMS, 314)}
+# Send failures that no other modem or later attempt can fix.
+PERMANENT_CMS = frozenset({1, 96, 195})
+# "Memory full": the SMS storage has no free slot (CMS 322, CME 20).
+_STORAGE_FULL = {(FinalKind.CMS, 322), (FinalKind.CME, 20)}
+# A modem that kept no copy of a sent part is still swept (when idle) after this many.
+RECHECK_PARTS = 50
+_RESTART_URCS = ("RDY", "^SYSSTART")
+
+
+class ModemError(Exception):
+    """The modem could not do what was asked."""
+
+
+class PortError(ModemError):
+    """The serial port cannot be opened, or it went away (USB unplug)."""
+
+
+class AtTimeout(ModemError):
+    """No (complete) answer in time; ``partial`` holds what did arrive."""
+
+    def __init__(self, message: str, partial: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial or []
+
+
+class CommandError(ModemError):
+    def __init__(self, line: str, final: Final) -> None:
+        super().__init__(f"{_safe(line)}: {final.describe()}")
+        self.final = final
+
+
+class PinError(ModemError):
+    """SIM PIN problem; the modem must not be retried (the SIM could lock)."""
+
+
+class SendError(ModemError):
+    def __init__(self, reason: str, *, permanent: bool) -> None:
+        super().__init__(reason)
+        self.permanent = permanent
+
+
+@dataclass
+class ModemInfo:
+    manufacturer: str = ""
+    model: str = ""
+    revision: str = ""
+    imei: str = ""
+    imsi: str = ""
+    operator: str = ""
+    csq: int | None = None  # 0..31, None = unknown (99)
+    registered: bool | None = None
+
+
+@dataclass(frozen=True)
+class Incoming:
+    index: int
+    message: pdu.Deliver
+
+
+@dataclass(frozen=True)
+class Timing:
+    not_ready: float = 20.0  # s to keep retrying "SIM busy" answers
+    cpin_grace: float = 2.0  # s to wait for the OK after +CPIN: (Wavecom never sends it)
+    sync: float = 1.0  # s per "AT" while syncing with the modem
+
+
+class _Lost:
+    """Queued to wake an exchange waiting on a port that went away."""
+
+
+def _safe(line: str) -> str:
+    """A command line fit for logs and errors: no PIN, no PDU."""
+    if line.upper().startswith("AT+CPIN="):
+        return "AT+CPIN=<hidden>"
+    return line
+
+
+def _fields(value: str) -> list[str]:
+    return [f.strip().strip('"') for f in value.split(",")]
+
+
+def csq_to_dbm(csq: int | None) -> int | None:
+    return None if csq is None or not 0 <= csq <= 31 else -113 + 2 * csq
+
+
+def signal_condition(csq: int | None) -> str:
+    if csq is None or not 0 <= csq <= 31:
+        return "unknown"
+    if csq < 10:
+        return "marginal"
+    if csq < 15:
+        return "ok"
+    if csq < 20:
+        return "good"
+    return "excellent"
+
+
+class Modem:
+    """Driver for one modem. ``open()`` opens and initialises; ``send_sms()`` sends."""
+
+    def __init__(
+        self,
+        settings: ModemSettings,
+        *,
+        timing: Timing | None = None,
+        on_trouble: Callable[[str], None] | None = None,
+        on_urc: Callable[[Urc], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.timing = timing or Timing()
+        self.info = ModemInfo()
+        self.pin_rejected = False  # once set, the PIN is never sent again
+        self.on_trouble = on_trouble
+        self.on_urc = on_urc
+        self.incoming_waiting = asyncio.Event()  # +CMTI seen
+        self._serial: serial.Serial | None = None
+        self._fd = -1
+        self._parser = AtParser()
+        self._events: asyncio.Queue[Event | _Lost] = asyncio.Queue()
+        self._lock = asyncio.Lock()
+        self._lost: str | None = None
+        self._ref = random.randrange(256)
+        self._ussd: asyncio.Future[str] | None = None
+        # Stored-copy bookkeeping (see the module docstring).
+        self.sweep_wanted = asyncio.Event()  # a send left copies for an idle-time sweep
+        self._sweep_lock = asyncio.Lock()
+        self._parts_since_sweep = 0
+        self._keeps_copies: bool | None = None  # None: not learned since open()
+        self._free_slots: int | None = None  # at the last sweep; None: unknown
+        self._sending = 0
+        self._last_send_end = 0.0
+
+    # --- port ------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd >= 0 and self._lost is None
+
+    def _open_port(self) -> None:
+        port = serial.Serial()
+        port.port = self.settings.port
+        port.baudrate = self.settings.baud
+        port.timeout = 0
+        port.write_timeout = 0
+        port.exclusive = True  # flock: a second otpd (or gammu) cannot share the modem
+        try:
+            port.open()
+            port.reset_input_buffer()  # drop boot noise and answers meant for a previous user
+        except (serial.SerialException, OSError, ValueError) as exc:
+            with contextlib.suppress(Exception):
+                port.close()
+            raise PortError(f"cannot open {self.settings.port}: {exc}") from None
+        self._serial = port
+        self._fd = port.fileno()
+        os.set_blocking(self._fd, False)
+        self._lost = None
+        self._parser.reset()
+        self._events = asyncio.Queue()
+        asyncio.get_running_loop().add_reader(self._fd, self._on_readable)
+
+    async def open_port(self) -> None:
+        """Open (or reopen) the port only, for raw exchanges; open() also initialises."""
+        await self.close()
+        self._open_port()
+
+    async def close(self) -> None:
+        if self._fd >= 0:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._fd)
+            loop.remove_writer(self._fd)
+        if self._serial is not None:
+            with contextlib.suppress(Exception):
+                self._serial.close()
+        self._serial = None
+        self._fd = -1
+        self._parser.reset()
+
+    def _lose(self, reason: str) -> None:
+        if self._lost is not None:
+            return
+        self._lost = reason
+        log.warning("modem %s: %s", self.name, reason)
+        if self._fd >= 0:
+            asyncio.get_running_loop().remove_reader(self._fd)
+        self._events.put_nowait(_Lost())
+        if self.on_trouble is not None:
+            self.on_trouble(reason)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lose(f"port {self.settings.port} lost: {exc.strerror}")
+            return
+        if not data:
+            self._lose(f"port {self.settings.port} closed")
+            return
+        for event in self._parser.feed(data):
+            if isinstance(event, Urc):
+                self._urc(event)
+            elif isinstance(event, Stray):
+                # Content not logged: it may be a late echo of a PDU (an OTP in hex).
+                log.debug("modem %s: ignored a stray line of %d chars", self.name,
+                          len(event.line))
+            else:
+                self._events.put_nowait(event)
+
+    async def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._lost is not None:
+                raise PortError(self._lost)
+            try:
+                written = os.write(self._fd, view)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                self._lose(f"write to {self.settings.port} failed: {exc.strerror}")
+                raise PortError(self._lost or "write failed") from None
+            view = view[written:]
+            if view:
+                ready = asyncio.get_running_loop().create_future()
+                asyncio.get_running_loop().add_writer(self._fd, ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    asyncio.get_running_loop().remove_writer(self._fd)
+
+    # --- URCs ------------------------------------------------------------------------
+
+    def _urc(self, urc: Urc) -> None:
+        line = urc.line
+        upper = line.upper()
+        if upper.startswith("^RSSI:"):
+            self.info.csq = _int(line[6:])
+        elif upper.startswith("+CREG:"):
+            f = _fields(line[6:])
+            # URC form: "+CREG: <stat>[,<lac>,<ci>]"
+            self.info.registered = f[0] in ("1", "5")
+        elif upper.startswith("+CMTI:"):
+            self.incoming_waiting.set()
+        elif upper.startswith("+CUSD:") and self._ussd is not None and not self._ussd.done():
+            self._ussd.set_result(line[6:].strip())
+        elif upper.startswith(_RESTART_URCS) and self.on_trouble is not None:
+            self.on_trouble(f"modem restarted ({line})")
+        if self.on_urc is not None:
+            self.on_urc(urc)
+
+    # --- exchanges -------------------------------------------------------------------
+
+    async def _next(self, timeout: float) -> Prompt | Reply:
+        async with asyncio.timeout(timeout):
+            event = await self._events.get()
+        if isinstance(event, _Lost):
+            raise PortError(self._lost or "port lost")
+        assert isinstance(event, Prompt | Reply)
+        return event
+
+    async def exchange(
+        self,
+        line: str,
+        timeout: float | None = None,
+        *,
+        pdu_hex: str | None = None,
+        prompt_timeout: float | None = None,
+    ) -> Reply:
+        """Send one command (and a PDU after the prompt); the modem's final answer."""
+        timeout = self.settings.command_timeout if timeout is None else timeout
+        async with self._lock:
+            if self._fd < 0 or self._lost is not None:
+                raise PortError(self._lost or f"port {self.settings.port} is not open")
+            while not self._events.empty():  # left-overs of an exchange that timed out
+                self._events.get_nowait()
+            self._parser.begin(line, expect_prompt=pdu_hex is not None)
+            prompted = False
+            try:
+                await self._write(encode_command(line))
+                if pdu_hex is not None:
+                    wait = prompt_timeout or self.settings.prompt_timeout
+                    first = await self._next(wait)
+                    if isinstance(first, Reply):
+                        return first  # refused before the prompt
+                    prompted = True
+                    self._parser.expect_echo(pdu_hex)
+                    await self._write(encode_pdu(pdu_hex))
+                while True:
+                    event = await self._next(timeout)
+                    if isinstance(event, Reply):
+                        return event
+            except TimeoutError:
+                partial = self._parser.cancel()
+                if pdu_hex is not None and not prompted and self._lost is None:
+                    # Abort the input mode a late prompt would open.
+                    with contextlib.suppress(ModemError):
+                        await self._write(ESC + b"\r")
+                stage = "prompt" if pdu_hex is not None and not prompted else "answer"
+                raise AtTimeout(f"no {stage} to {_safe(line)}", partial) from None
+            finally:
+                if self._parser.busy:
+                    self._parser.cancel()
+
+    async def command(self, line: str, timeout: float | None = None) -> Reply:
+        """Like exchange() but a non-OK final raises CommandError."""
+        reply = await self.exchange(line, timeout)
+        if not reply.ok:
+            raise CommandError(line, reply.final)
+        return reply
+
+    async def patient(self, line: str, timeout: float | None = None) -> Reply:
+        """exchange(), retried while the modem answers "SIM busy"/"please wait"."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timing.not_ready
+        delay = 0.1
+        while True:
+            reply = await self.exchange(line, timeout)
+            if (reply.final.kind, reply.final.code) not in _NOT_READY or loop.time() > deadline:
+                return reply
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def ping(self, timeout: float | None = None) -> bool:
+        try:
+            await self.exchange("AT", timeout)
+        except ModemError:
+            return False
+        return True
+
+    # --- initialisation ------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the port and make the modem ready to send (PDU mode, SIM unlocked)."""
+        if self.pin_rejected:
+            raise PinError("the SIM rejected the configured PIN; fix the PIN and restart")
+        await self.open_port()
+        # Another modem (or SIM) may be behind the port now: learn its storage again.
+        self._keeps_copies = None
+        self._free_slots = None
+        self._parts_since_sweep = 0
+        self.sweep_wanted.clear()
+        try:
+            await self._initialise()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _initialise(self) -> None:
+        await self._sync()
+        await self.exchange("ATZ")  # some modems refuse it while PIN-locked: fine
+        await self.exchange("ATE0")  # ATZ may have restored echo
+        await self.exchange("AT+CMEE=1")  # numeric +CME/+CMS errors
+        if await self._unlock_sim():
+            # Qualcomm/ZTE refuse everything but AT+CPIN while locked: repeat the setup.
+            await self.exchange("ATE0")
+            await self.exchange("AT+CMEE=1")
+        reply = await self.patient("AT+CMGF=0")
+        if not reply.ok:
+            raise CommandError("AT+CMGF=0", reply.final)
+        await self._select_storage()
+        for line in self.settings.init_commands:
+            await self.command(line)
+        await self._identify()
+        await self.refresh()
+        if self.settings.delete_sent:
+            await self.cleanup_sent()
+
+    async def _sync(self) -> None:
+        # ESC ends an input prompt a previous user (or crash) left open.
+        await self._write(ESC + b"\r")
+        for _ in range(3):
+            try:
+                await self.exchange("AT", min(self.timing.sync, self.settings.command_timeout))
+                return
+            except AtTimeout:
+                continue
+        raise AtTimeout(f"modem on {self.settings.port} does not answer AT")
+
+    async def _cpin(self) -> str:
+        """The SIM state from AT+CPIN? (tolerating a missing OK), or the error."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timing.not_ready
+        while True:
+            try:
+                reply = await self.exchange("AT+CPIN?", self.timing.cpin_grace)
+            except AtTimeout as exc:
+                answer = [ln for ln in exc.partial if ln.upper().startswith("+CPIN:")]
+                if answer:
+                    return answer[0][6:].strip().upper()
+                raise
+            values = reply.prefixed("+CPIN:")
+            if values:
+                return values[0].upper()
+            if (reply.final.kind, reply.final.code) in _NOT_READY and loop.time() < deadline:
+                await asyncio.sleep(0.5)
+                continue
+            if reply.final.kind is FinalKind.CME and reply.final.code == 10:
+                raise ModemError("SIM not inserted")
+            raise CommandError("AT+CPIN?", reply.final)
+
+    async def _unlock_sim(self) -> bool:
+        """Enter the PIN if the SIM asks for it; True if it was entered."""
+        state = await self._cpin()
+        if state == "READY":
+            return False
+        if state != "SIM PIN":
+            self.pin_rejected = True
+            raise PinError(f"SIM needs {state}; otpd only enters the SIM PIN")
+        if not self.settings.pin:
+            self.pin_rejected = True
+            raise PinError("SIM needs a PIN but none is configured")
+        log.info("modem %s: entering SIM PIN", self.name)
+        try:
+            reply = await self.exchange(command("+CPIN", self.settings.pin), 10.0)
+        except AtTimeout:
+            self.pin_rejected = True  # unknown outcome: never risk a second try
+            raise PinError("no answer to the SIM PIN") from None
+        if not reply.ok:
+            self.pin_rejected = True
+            raise PinError(f"SIM rejected the PIN ({reply.final.describe()})")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(self.timing.not_ready, 1.0)
+        while True:
+            state = await self._cpin()
+            if state == "READY":
+                return True
+            if state != "SIM PIN" and loop.time() < deadline:
+                await asyncio.sleep(0.3)  # e.g. "NOT READY" while the SIM starts
+                continue
+            self.pin_rejected = True
+            raise PinError(f"SIM still not ready after the PIN ({state})")
+
+    async def _select_storage(self) -> None:
+        mem = self.settings.storage
+        # Wavecom accepts only two storages, some modems only one.
+        for count in (3, 2, 1):
+            reply = await self.patient(command("+CPMS", *([mem] * count)))
+            if reply.ok:
+                return
+        log.warning("modem %s: cannot select storage %s, using the default", self.name, mem)
+
+    async def _identify(self) -> None:
+        info = self.info
+        info.manufacturer = await self._text("AT+CGMI")
+        info.model = await self._text("AT+CGMM")
+        info.revision = await self._text("AT+CGMR")
+        imei = await self._text("AT+CGSN")
+        info.imei = imei.removeprefix("+CGSN:").strip().strip('"')
+        info.imsi = await self._text("AT+CIMI")
+
+    async def _text(self, line: str) -> str:
+        reply = await self.patient(line)
+        return " ".join(reply.lines).strip() if reply.ok else ""
+
+    async def refresh(self) -> ModemInfo:
+        """Operator, signal and registration (also a liveness check)."""
+        reply = await self.exchange("AT+COPS?")
+        for value in reply.prefixed("+COPS:"):
+            f = _fields(value)
+            self.info.operator = f[2] if len(f) >= 3 else ""
+        reply = await self.exchange("AT+CSQ")
+        for value in reply.prefixed("+CSQ:"):
+            csq = _int(_fields(value)[0])
+            self.info.csq = csq if csq is not None and 0 <= csq <= 31 else None
+        reply = await self.exchange("AT+CREG?")
+        for value in reply.prefixed("+CREG:"):
+            f = _fields(value)
+            stat = f[1] if len(f) >= 2 else f[0]  # "<n>,<stat>[,...]"
+            self.info.registered = stat in ("1", "5")
+        return self.info
+
+    # --- storage ------------------------------------------------------------------------
+
+    async def _listing(self, stat: int) -> list[tuple[int, int, str]]:
+        """(index, stat, pdu) of stored messages with this status."""
+        reply = await self.patient(f"AT+CMGL={stat}", max(self.settings.command_timeout, 10.0))
+        if not reply.ok:
+            return []
+        found: list[tuple[int, int, str]] = []
+        lines = list(reply.lines)
+        for i, line in enumerate(lines):
+            # A "+CMGL:" may be glued to the end of the previous PDU line.
+            m = re.search(r"\+CMGL:\s*(\d+)\s*,\s*(\d+)", line, re.IGNORECASE)
+            if not m:
+                continue
+            body = lines[i + 1] if i + 1 < len(lines) else ""
+            body = re.split(r"\+CMGL:", body, flags=re.IGNORECASE)[0].strip()
+            found.append((int(m.group(1)), int(m.group(2)), body))
+        return found
+
+    async def cleanup_sent(self) -> int:
+        """Delete every stored outgoing message (STO UNSENT, STO SENT); never received ones.
+
+        One sweep at a time: a second one would delete by a stale listing, and an
+        index freed by the first may hold a newly received message by then."""
+        async with self._sweep_lock:
+            parts, self._parts_since_sweep = self._parts_since_sweep, 0
+            self.sweep_wanted.clear()
+            try:
+                deleted = await self._sweep()
+            except BaseException:
+                self._parts_since_sweep += parts  # nothing learned: sweep again later
+                raise
+            if parts:
+                self._keeps_copies = deleted > 0
+        if deleted:
+            log.info("modem %s: deleted %d stored outgoing message(s)", self.name, deleted)
+        return deleted
+
+    async def _sweep(self) -> int:
+        deleted = 0
+        for stat in (2, 3):
+            for index, listed_stat, _ in await self._listing(stat):
+                if listed_stat != stat:  # a modem that ignores the filter: touch nothing else
+                    continue
+                reply = await self.exchange(f"AT+CMGD={index}")
+                if reply.ok:
+                    deleted += 1
+                else:
+                    log.warning("modem %s: cannot delete stored message %d: %s", self.name,
+                                index, reply.final.describe())
+        self._free_slots = await self._free_storage()
+        return deleted
+
+    async def _free_storage(self) -> int | None:
+        """Free slots in the storage sent messages go to (``<mem2>`` of AT+CPMS?)."""
+        reply = await self.exchange("AT+CPMS?")
+        for value in reply.prefixed("+CPMS:"):
+            # '"SM",used,total' for <mem1>, then <mem2> and <mem3> where supported.
+            f = _fields(value)
+            at = 4 if len(f) >= 6 else 1
+            used, total = (_int(f[at]), _int(f[at + 1])) if len(f) > at + 1 else (None, None)
+            if used is not None and total:
+                return max(total - used, 0)
+        return None
+
+    def sweep_due(self) -> bool:
+        """Stored copies may be waiting for a sweep."""
+        if not self.settings.delete_sent or self._parts_since_sweep == 0:
+            return False
+        return self._keeps_copies is not False or self._parts_since_sweep >= RECHECK_PARTS
+
+    def idle_sweep_at(self, idle: float) -> float | None:
+        """Loop time after which a due sweep can run (``idle`` s after the last send)."""
+        if self._sending or not self.sweep_due():
+            return None
+        return self._last_send_end + idle
+
+    def _sweep_now(self) -> bool:
+        """Right after a send: must the sweep run before the next send?"""
+        if not self.settings.delete_sent or self._parts_since_sweep == 0:
+            return False
+        if self._keeps_copies is None:
+            return True  # the first send since open(): learn whether copies are kept
+        if not self._keeps_copies:
+            return False
+        free = self._free_slots
+        return free is None or self._parts_since_sweep + self.settings.max_parts > free
+
+    async def read_incoming(self) -> list[Incoming]:
+        """Unread received messages (the modem marks them read; they stay stored)."""
+        self.incoming_waiting.clear()
+        result: list[Incoming] = []
+        for index, _, body in await self._listing(0):
+            try:
+                msg = pdu.decode(body)
+            except pdu.PduError:
+                log.warning("modem %s: undecodable stored message %d", self.name, index)
+                continue
+            if isinstance(msg, pdu.Deliver):
+                result.append(Incoming(index, msg))
+        return result
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def _next_reference(self) -> int:
+        self._ref = (self._ref + 1) % 256
+        return self._ref
+
+    async def send_sms(
+        self, receiver: str, text: str, *, validity: float | None = None
+    ) -> list[int]:
+        """Send ``text`` (as many parts as needed); the message references.
+
+        Raises MessageTooLong / ValueError (bad receiver) before touching the
+        modem, SendError on a refusal, AtTimeout / PortError when the modem fails.
+        """
+        parts = pdu.encode_submit(
+            receiver,
+            text,
+            reference=self._next_reference(),
+            max_parts=self.settings.max_parts,
+            validity=validity,
+            status_report=self.settings.status_report,
+        )
+        refs: list[int] = []
+        healthy = True
+        self._sending += 1
+        try:
+            for part in parts:
+                self._parts_since_sweep += 1  # even a refused part may leave a copy
+                refs.append(await self._send_part(part))
+        except (AtTimeout, PortError):
+            healthy = False
+            raise
+        finally:
+            self._sending -= 1
+            self._last_send_end = asyncio.get_running_loop().time()
+            if healthy and self._sweep_now():
+                try:
+                    await self.cleanup_sent()
+                except ModemError as exc:
+                    log.warning("modem %s: cleanup after sending failed: %s", self.name, exc)
+            elif self.sweep_due():
+                self.sweep_wanted.set()
+        log.info("modem %s: sent %d part(s) to %s (mr %s)", self.name, len(parts),
+                 mask(receiver), ",".join(map(str, refs)))
+        return refs
+
+    async def _send_part(self, part: pdu.SubmitPdu) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timing.not_ready
+        smsc_fixed = False
+        swept = not self.settings.delete_sent  # never delete what the user keeps
+        delay = 0.2
+        while True:
+            reply = await self.exchange(
+                f"AT+CMGS={part.tpdu_length}", self.settings.send_timeout, pdu_hex=part.hex
+            )
+            if reply.ok:
+                values = reply.prefixed("+CMGS:")
+                mr = _int(_fields(values[0])[0]) if values else None
+                return -1 if mr is None else mr
+            final = reply.final
+            if (final.kind, final.code) in _NOT_READY and loop.time() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if (final.kind, final.code) in _STORAGE_FULL and not swept:
+                swept = True
+                log.warning("modem %s: SMS storage full; deleting stored copies", self.name)
+                await self.cleanup_sent()
+                continue
+            if final.kind is FinalKind.CMS and final.code == 330 and not smsc_fixed:
+                smsc_fixed = True
+                if await self._rewrite_smsc():
+                    continue
+            permanent = final.kind is FinalKind.CMS and final.code in PERMANENT_CMS
+            raise SendError(f"modem {self.name}: {final.describe()}", permanent=permanent)
+
+    async def _rewrite_smsc(self) -> bool:
+        """Huawei E220: "SMSC unknown" until AT+CSCA is written once, even with the same value."""
+        reply = await self.patient("AT+CSCA?")
+        for value in reply.prefixed("+CSCA:"):
+            f = _fields(value)
+            number = f[0]
+            if number and number != "+":
+                toa = _int(f[1]) if len(f) > 1 else None
+                args: list[int | str] = [number] + ([toa] if toa is not None else [])
+                written = await self.exchange(command("+CSCA", *args))
+                return written.ok
+        return False
+
+    # --- USSD ------------------------------------------------------------------------------
+
+    async def ussd(self, code: str, timeout: float = 30.0) -> str:
+        """Run a USSD code (e.g. ``*888#``); the network's answer line (``+CUSD:`` value)."""
+        if not re.fullmatch(r"[0-9*#+]{1,40}", code):
+            raise ValueError("USSD code may contain only digits, *, # and +")
+        loop = asyncio.get_running_loop()
+        self._ussd = loop.create_future()
+        try:
+            reply = await self.exchange(command("+CUSD", 1, code, 15))
+            if not reply.ok:
+                raise CommandError("AT+CUSD", reply.final)
+            async with asyncio.timeout(timeout):
+                return await self._ussd
+        except TimeoutError:
+            raise AtTimeout("no USSD answer") from None
+        finally:
+            self._ussd = None
+
+
+def decode_ussd(value: str) -> tuple[str, bool]:
+    """(text, replyable) from a ``+CUSD:`` value such as ``0,"Balance 10",15``."""
+    m = re.match(r'\s*(\d)\s*(?:,\s*"?(.*?)"?\s*(?:,\s*(\d+))?)?\s*$', value, re.DOTALL)
+    if not m:
+        return value, False
+    status, text, dcs = m.group(1), m.group(2) or "", m.group(3)
+    if dcs is not None and int(dcs) == 72 and re.fullmatch(r"(?:[0-9A-Fa-f]{4})+", text):
+        text = bytes.fromhex(text).decode("utf-16-be", "replace")
+    return text, status == "1"
+
+
+def _int(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() else None

@@ -1,0 +1,461 @@
+"""The SMS channel: a pool of modems, one worker each, with routing and failover.
+
+Each modem has two tasks. The supervisor opens and initialises it, watches
+its health, sweeps stored copies of sent messages while the modem is idle,
+takes it out of rotation when it fails and probes it back with backoff. The
+worker takes the next job the moment the modem is free; the ``accept`` filter
+it gives the engine does the routing (receiver prefixes, modems that already
+failed a job go last). The worker records an outcome while it already waits
+for (and sends) the next job, so the modem never idles on the store's commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from otpd.aio import cancel_and_wait, raise_if_cancel_requested
+from otpd.channels.sms.modem import (
+    AtTimeout,
+    Modem,
+    ModemError,
+    PinError,
+    PortError,
+    SendError,
+    Timing,
+    csq_to_dbm,
+    decode_ussd,
+    signal_condition,
+)
+from otpd.channels.sms.pdu import MessageTooLong
+from otpd.channels.sms.settings import ModemSettings, SmsSettings
+from otpd.delivery.channel import Delivered, Failed, Job, Outcome, Retry, WorkSource
+from otpd.limits import SimQuota
+from otpd.msisdn import InvalidReceiver, canonical_msisdn, mask
+from otpd.store import StoreError
+from otpd.wire.codes import Code
+
+log = logging.getLogger(__name__)
+
+_MAX_REMEMBERED_JOBS = 10_000
+
+
+class State(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    DOWN = "down"  # out of rotation, being probed
+    FAILED = "failed"  # given up for good (SIM PIN problem)
+    DISABLED = "disabled"
+
+
+_USABLE = (State.READY, State.BUSY)
+
+
+@dataclass(frozen=True)
+class IncomingSms:
+    modem: str
+    sender: str
+    text: str
+    time: float
+
+
+class _Slot:
+    """Runtime state of one configured modem."""
+
+    def __init__(self, settings: ModemSettings, timing: Timing) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.state = State.STARTING if settings.enabled else State.DISABLED
+        self.modem = Modem(settings, timing=timing, on_trouble=self.report_trouble)
+        self.trouble = asyncio.Event()
+        self.trouble_reason = ""
+        self.sent = 0
+        self.failed = 0
+        self.consecutive_failures = 0
+        self.last_error = ""
+        self.quota_until = 0.0  # wall time when the SIM's daily/monthly cap allows sending again
+
+    @property
+    def sim(self) -> str:
+        """The SIM's quota key: its IMSI when known (it follows a SIM moved to
+        another modem), else the modem's name."""
+        return self.modem.info.imsi or f"modem:{self.name}"
+
+    def report_trouble(self, reason: str) -> None:
+        if self.state in _USABLE and not self.trouble.is_set():
+            self.trouble_reason = reason
+            self.trouble.set()
+
+    def prefix_match(self, receiver: str) -> int:
+        """Length of the longest configured prefix of ``receiver`` (0: none)."""
+        return max((len(p) for p in self.settings.prefixes if receiver.startswith(p)), default=0)
+
+
+class ModemPool:
+    """The ``sms`` channel (see otpd.delivery.channel.Channel)."""
+
+    name = "sms"
+
+    def __init__(
+        self,
+        settings: SmsSettings,
+        *,
+        country_code: str = "",
+        clock: Callable[[], float] = time.time,
+        on_incoming: Callable[[IncomingSms], None] | None = None,
+        quota: SimQuota | None = None,
+    ) -> None:
+        self.quota = quota
+        self.settings = settings
+        self.country_code = country_code
+        self.clock = clock
+        self.on_incoming = on_incoming
+        timing = Timing(not_ready=settings.not_ready_timeout, cpin_grace=settings.cpin_grace)
+        self._slots = [_Slot(m, timing) for m in settings.modems]
+        self._source: WorkSource | None = None
+        # job id -> modems that failed it: another modem gets it first.
+        self._failed_by: OrderedDict[int, set[str]] = OrderedDict()
+        self._recording: set[asyncio.Task[None]] = set()  # outcomes being written
+
+    # --- Channel protocol ----------------------------------------------------------
+
+    def configured(self) -> bool:
+        return any(s.settings.enabled for s in self._slots)
+
+    def usable(self) -> bool:
+        return any(self._can_send(s) for s in self._slots)
+
+    async def run(self, source: WorkSource) -> None:
+        self._source = source
+        tasks: list[asyncio.Task[None]] = []
+        for slot in self._slots:
+            if slot.settings.enabled:
+                tasks.append(asyncio.create_task(self._supervise(slot), name=f"sms-{slot.name}"))
+                tasks.append(asyncio.create_task(self._work(slot), name=f"sms-work-{slot.name}"))
+        try:
+            if tasks:  # they end only by a bug (raised here) or a cancellation
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()
+            else:
+                await asyncio.Event().wait()  # nothing to drive; stay until cancelled
+        finally:
+            await cancel_and_wait(tasks, "the modem workers", log)
+            # Never cancelled: an outcome not recorded means a delivered message is
+            # sent again after a restart.
+            await asyncio.gather(*self._recording, return_exceptions=True)
+            for slot in self._slots:
+                await slot.modem.close()
+
+    def status(self) -> dict[str, Any]:
+        modems = []
+        for slot in self._slots:
+            info = slot.modem.info
+            modems.append({
+                "name": slot.name,
+                "port": slot.settings.port,
+                "state": str(slot.state),
+                "manufacturer": info.manufacturer,
+                "model": info.model,
+                "imei": info.imei,
+                "imsi": info.imsi,
+                "operator": info.operator,
+                "signal": {
+                    "csq": info.csq if info.csq is not None else 99,
+                    "rssi_dbm": csq_to_dbm(info.csq),
+                    "condition": signal_condition(info.csq),
+                },
+                "registered": info.registered,
+                "prefixes": list(slot.settings.prefixes),
+                "sent": slot.sent,
+                "failed": slot.failed,
+                "last_error": slot.last_error,
+            })
+        return {"modems": modems}
+
+    async def ussd(self, modem_id: str, ussd_code: str) -> dict[str, Any]:
+        """Run a USSD code on the named modem (OTP-Pi's request-ussd)."""
+        slot = next((s for s in self._slots if s.name == modem_id), None)
+        if slot is None:
+            raise LookupError(f"no modem named {modem_id!r}")
+        if slot.state not in _USABLE:
+            raise LookupError(f"modem {modem_id} is {slot.state}")
+        try:
+            raw = await slot.modem.ussd(ussd_code)
+        except AtTimeout as exc:
+            raise TimeoutError(str(exc)) from None
+        except ModemError as exc:
+            raise OSError(str(exc)) from None
+        text, replyable = decode_ussd(raw)
+        return {"ussd_content": text, "ussd_content_raw": f"+CUSD: {raw}", "replyable": replyable}
+
+    # --- routing -------------------------------------------------------------------
+
+    def _receiver(self, job: Job) -> str:
+        if job.receiver.startswith("+") or not self.country_code:
+            return job.receiver
+        try:
+            return canonical_msisdn(job.receiver, self.country_code)
+        except InvalidReceiver:
+            return job.receiver
+
+    def _can_send(self, slot: _Slot) -> bool:
+        return slot.state in _USABLE and slot.quota_until <= self.clock()
+
+    def _accept(self, slot: _Slot, job: Job) -> bool:
+        if slot.state is not State.READY or slot.quota_until > self.clock():
+            return False
+        usable = [s for s in self._slots if self._can_send(s)]
+        tried = self._failed_by.get(job.id, set())
+        untried = [s for s in usable if s.name not in tried]
+        if slot.name in tried and untried:
+            return False  # let a modem that has not failed this job try first
+        candidates = untried or usable
+        receiver = self._receiver(job)
+        best = max((s.prefix_match(receiver) for s in candidates), default=0)
+        return best == 0 or slot.prefix_match(receiver) == best
+
+    def _wake(self) -> None:
+        if self._source is not None:
+            self._source.wake()
+
+    def _set_state(self, slot: _Slot, state: State) -> None:
+        was_usable = slot.state in _USABLE
+        slot.state = state
+        if was_usable != (state in _USABLE):
+            self._wake()  # the accept filters of every worker changed
+
+    def _remember_failure(self, slot: _Slot, job: Job) -> None:
+        self._failed_by.setdefault(job.id, set()).add(slot.name)
+        self._failed_by.move_to_end(job.id)
+        while len(self._failed_by) > _MAX_REMEMBERED_JOBS:
+            self._failed_by.popitem(last=False)
+
+    # --- supervisor ----------------------------------------------------------------
+
+    async def _supervise(self, slot: _Slot) -> None:
+        attempt = 0
+        while True:
+            try:
+                await slot.modem.open()
+            except PinError as exc:
+                slot.last_error = str(exc)
+                self._set_state(slot, State.FAILED)
+                log.error("modem %s: %s; not retrying", slot.name, exc)
+                return
+            except Exception as exc:  # any failure: out of rotation, probe again later
+                if not isinstance(exc, ModemError | OSError):
+                    log.exception("modem %s: unexpected error while starting", slot.name)
+                slot.last_error = str(exc)
+                self._set_state(slot, State.DOWN)
+                attempt += 1
+                delay = min(self.settings.max_probe_interval,
+                            self.settings.probe_interval * 2 ** min(attempt - 1, 20))
+                log.warning("modem %s: not usable (%s); next probe in %.1f s",
+                            slot.name, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            slot.consecutive_failures = 0
+            slot.trouble.clear()
+            info = slot.modem.info
+            log.info("modem %s ready: %s %s, operator %r, csq %s", slot.name,
+                     info.manufacturer, info.model, info.operator, info.csq)
+            await self._check_quota(slot)
+            self._set_state(slot, State.READY)
+            reason = await self._watch(slot)
+            slot.last_error = reason
+            log.warning("modem %s taken out of rotation: %s", slot.name, reason)
+            self._set_state(slot, State.DOWN)
+            await self._reset(slot)
+            attempt = 1
+            await asyncio.sleep(self.settings.probe_interval)
+
+    async def _watch(self, slot: _Slot) -> str:
+        """Return (with a reason) when the modem must be taken out and reset."""
+        modem = slot.modem
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time() + self.settings.refresh_interval
+        sweep_hold = 0.0  # after a sweep that timed out: not before the next refresh
+        while True:
+            wake_at = next_refresh
+            sweep_at = modem.idle_sweep_at(self.settings.idle_sweep_delay)
+            if sweep_at is not None:
+                wake_at = min(wake_at, max(sweep_at, sweep_hold))
+            trouble = asyncio.ensure_future(slot.trouble.wait())
+            incoming = asyncio.ensure_future(modem.incoming_waiting.wait())
+            sweep = asyncio.ensure_future(modem.sweep_wanted.wait())
+            waiters = {trouble, sweep}
+            if slot.settings.read_inbox:
+                waiters.add(incoming)
+            try:
+                await asyncio.wait(waiters, timeout=max(wake_at - loop.time(), 0.0),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in (trouble, incoming, sweep):
+                    waiter.cancel()
+            if slot.trouble.is_set():
+                return slot.trouble_reason
+            modem.sweep_wanted.clear()  # seen: the sweep time is recomputed above
+            try:
+                now = loop.time()
+                if now >= next_refresh:
+                    next_refresh = now + self.settings.refresh_interval
+                    await modem.refresh()
+                    if slot.settings.read_inbox:
+                        await self._read_inbox(slot)
+                elif slot.settings.read_inbox and modem.incoming_waiting.is_set():
+                    await self._read_inbox(slot)
+                sweep_at = modem.idle_sweep_at(self.settings.idle_sweep_delay)
+                if sweep_at is not None and loop.time() >= max(sweep_at, sweep_hold):
+                    sweep_hold = next_refresh
+                    await modem.cleanup_sent()
+                    sweep_hold = 0.0
+            except AtTimeout:
+                if not await modem.ping():
+                    return "stopped answering"
+            except ModemError as exc:
+                return str(exc)
+            except Exception as exc:  # a bug must not stop supervising the modem
+                log.exception("modem %s: unexpected error while checking it", slot.name)
+                return f"internal error {exc!r}"
+
+    async def _read_inbox(self, slot: _Slot) -> None:
+        for item in await slot.modem.read_incoming():
+            msg = item.message
+            log.info("modem %s: incoming SMS from %s", slot.name, mask(msg.sender))
+            if self.on_incoming is not None:
+                self.on_incoming(IncomingSms(slot.name, msg.sender, msg.text, self.clock()))
+
+    async def _reset(self, slot: _Slot) -> None:
+        modem = slot.modem
+        if modem.is_open:
+            with contextlib.suppress(ModemError):
+                await modem.exchange("ATZ", slot.settings.command_timeout)
+        await modem.close()
+
+    # --- SIM quotas -----------------------------------------------------------------
+
+    async def _check_quota(self, slot: _Slot) -> None:
+        if self.quota is None:
+            return
+        try:
+            wait = await self.quota.wait(slot.sim, self.clock())
+        except StoreError as exc:
+            log.error("modem %s: cannot read the SIM quota: %s", slot.name, exc)
+            return
+        self._quota_reached(slot, wait)
+
+    async def _count_parts(self, slot: _Slot, parts: int) -> None:
+        if self.quota is None:
+            return
+        try:
+            wait = await self.quota.record(slot.sim, parts, self.clock())
+        except StoreError as exc:
+            log.error("modem %s: cannot record the SIM quota: %s", slot.name, exc)
+            return
+        self._quota_reached(slot, wait)
+
+    def _quota_reached(self, slot: _Slot, wait: float) -> None:
+        if wait <= 0:
+            return
+        slot.quota_until = self.clock() + wait
+        log.warning("modem %s: the SIM reached its SMS cap (limits.sim_daily_max /"
+                    " sim_monthly_max); it sends again in %.0f s, other modems take its work",
+                    slot.name, wait)
+        self._wake()  # other workers' filters change now, and again when it lifts
+        asyncio.get_running_loop().call_later(wait + 0.01, self._wake)
+
+    # --- worker --------------------------------------------------------------------
+
+    async def _work(self, slot: _Slot) -> None:
+        assert self._source is not None
+        source = self._source
+        accept = functools.partial(self._accept, slot)
+        recording: asyncio.Task[None] | None = None
+        while True:
+            job = await source.take(accept=accept)
+            outcome = await self._deliver(slot, job)
+            if isinstance(outcome, Delivered | Failed):
+                self._failed_by.pop(job.id, None)
+            if recording is not None:
+                await asyncio.shield(recording)  # at most one outcome in flight per modem
+            # Recorded while this worker already takes the next job: the store's
+            # commit (an fsync) overlaps the next send. run() waits for it on stop.
+            recording = asyncio.create_task(self._record(slot, source, job, outcome),
+                                            name=f"sms-finish-{slot.name}")
+            self._recording.add(recording)
+            recording.add_done_callback(self._recording.discard)
+            raise_if_cancel_requested()  # a stop request a library call swallowed
+
+    @staticmethod
+    async def _record(slot: _Slot, source: WorkSource, job: Job, outcome: Outcome) -> None:
+        try:
+            await source.finish(job, outcome)
+        except Exception:
+            log.exception("modem %s: recording the outcome of message %d failed",
+                          slot.name, job.id)
+
+    async def _deliver(self, slot: _Slot, job: Job) -> Outcome:
+        if slot.state is not State.READY:
+            return Retry(f"modem {slot.name} is {slot.state}", 0.0)
+        now = self.clock()
+        if job.expires_at <= now:
+            return Failed("expired before it could be sent", Code.EXPIRED)
+        receiver = self._receiver(job)
+        slot.state = State.BUSY
+        try:
+            refs = await slot.modem.send_sms(receiver, job.text, validity=job.expires_at - now)
+        except MessageTooLong as exc:
+            return Failed(str(exc))
+        except ValueError as exc:  # receiver the PDU codec cannot address
+            return Failed(f"invalid receiver: {exc}")
+        except SendError as exc:
+            if exc.permanent:
+                slot.failed += 1
+                slot.last_error = str(exc)
+                log.warning("message %d to %s refused by %s: %s", job.id, mask(receiver),
+                            slot.name, exc)
+                return Failed(str(exc))
+            return await self._failure(slot, job, str(exc))
+        except AtTimeout as exc:
+            outcome = await self._failure(slot, job, f"modem {slot.name}: {exc}")
+            if slot.modem.is_open and not await slot.modem.ping():
+                slot.report_trouble("stopped answering")
+            return outcome
+        except PortError as exc:
+            return await self._failure(slot, job, f"modem {slot.name}: {exc}")
+        except ModemError as exc:
+            return await self._failure(slot, job, f"modem {slot.name}: {exc}")
+        except Exception as exc:  # a bug must cost one attempt, not the worker
+            log.exception("modem %s: unexpected error sending message %d", slot.name, job.id)
+            return await self._failure(slot, job, f"modem {slot.name}: internal error {exc!r}")
+        finally:
+            if slot.state is State.BUSY:
+                slot.state = State.READY
+        slot.sent += 1
+        slot.consecutive_failures = 0
+        await self._count_parts(slot, len(refs))
+        return Delivered(via=slot.name, detail="mr=" + ",".join(map(str, refs)))
+
+    async def _failure(self, slot: _Slot, job: Job, reason: str) -> Retry:
+        slot.failed += 1
+        slot.consecutive_failures += 1
+        slot.last_error = reason
+        self._remember_failure(slot, job)
+        log.warning("message %d to %s failed on %s: %s", job.id, mask(job.receiver),
+                    slot.name, reason)
+        if slot.consecutive_failures >= self.settings.max_failures_before_reset:
+            slot.report_trouble(f"{slot.consecutive_failures} consecutive failures")
+        tried = self._failed_by.get(job.id, set())
+        others = any(s.state in _USABLE and s.name not in tried for s in self._slots)
+        return Retry(reason, 0.0 if others else self.settings.retry_delay)
