@@ -4,26 +4,10 @@ The port is opened with pyserial (termios setup, exclusive lock) and then
 driven through its file descriptor on the event loop, so no thread is needed.
 Only one AT exchange runs at a time (``asyncio.Lock``).
 
-Stored copies. Some modems keep a copy of every part they send in the SMS
-storage (STO SENT), other software leaves some (STO UNSENT), and a full
-storage makes a modem refuse to send (``+CMS ERROR: 322``) and to receive. A
-sweep (``cleanup_sent``: ``AT+CMGL=2``, ``AT+CMGL=3``, one ``AT+CMGD`` per
-copy, ``AT+CPMS?``) deletes them and never touches received messages, but it
-costs several exchanges, tens of milliseconds each on a real modem, so the
-driver does not sweep after every send. It sweeps:
-
-- at ``open()``, and right after the first send after ``open()``: that sweep
-  also learns whether this modem keeps copies of what it sends;
-- a modem that keeps copies: right after a send only when the next message
-  (up to ``max_parts`` parts) might not fit in the slots that were free at the
-  last sweep (after every send if ``AT+CPMS?`` does not tell), and otherwise
-  when the modem is idle (the pool calls
-  ``cleanup_sent`` once ``idle_sweep_at()`` has passed; ``sweep_wanted`` tells
-  it a send left copies behind);
-- a modem that keeps none: when idle after every ``RECHECK_PARTS`` parts, in
-  case it keeps some after all (e.g. failed sends as STO UNSENT);
-- and whatever slips through: a send refused with "memory full" sweeps and is
-  retried once on the same modem.
+What to do is decided by pure code; this module only performs it:
+``replies.py`` reads the answers, ``sweep.py`` decides when stored copies of
+sent messages are deleted (the rules are in its docstring), ``pin.py`` enters
+the SIM PIN (at most once).
 """
 
 from __future__ import annotations
@@ -39,13 +23,12 @@ from dataclasses import dataclass
 
 import serial
 
-from otpd.channels.sms import pdu
+from otpd.channels.sms import pdu, replies
 from otpd.channels.sms.at import (
     ESC,
     AtParser,
     Event,
     Final,
-    FinalKind,
     Prompt,
     Reply,
     Stray,
@@ -54,20 +37,17 @@ from otpd.channels.sms.at import (
     encode_command,
     encode_pdu,
 )
+from otpd.channels.sms.pin import AskState, EnterPin, Refused, SimPin, Unlocked
+from otpd.channels.sms.replies import PERMANENT_CMS as PERMANENT_CMS
+from otpd.channels.sms.replies import csq_to_dbm as csq_to_dbm
+from otpd.channels.sms.replies import decode_ussd as decode_ussd
+from otpd.channels.sms.replies import signal_condition as signal_condition
 from otpd.channels.sms.settings import ModemSettings
+from otpd.channels.sms.sweep import RECHECK_PARTS as RECHECK_PARTS
+from otpd.channels.sms.sweep import SweepPolicy
 from otpd.msisdn import mask
 
 log = logging.getLogger(__name__)
-
-# Answers meaning "not yet, ask again shortly" (SIM still initialising, busy).
-_NOT_READY = {(FinalKind.CME, 14), (FinalKind.CME, 515), (FinalKind.CMS, 314)}
-# Send failures that no other modem or later attempt can fix.
-PERMANENT_CMS = frozenset({1, 96, 195})
-# "Memory full": the SMS storage has no free slot (CMS 322, CME 20).
-_STORAGE_FULL = {(FinalKind.CMS, 322), (FinalKind.CME, 20)}
-# A modem that kept no copy of a sent part is still swept (when idle) after this many.
-RECHECK_PARTS = 50
-_RESTART_URCS = ("RDY", "^SYSSTART")
 
 
 class ModemError(Exception):
@@ -138,26 +118,6 @@ def _safe(line: str) -> str:
     return line
 
 
-def _fields(value: str) -> list[str]:
-    return [f.strip().strip('"') for f in value.split(",")]
-
-
-def csq_to_dbm(csq: int | None) -> int | None:
-    return None if csq is None or not 0 <= csq <= 31 else -113 + 2 * csq
-
-
-def signal_condition(csq: int | None) -> str:
-    if csq is None or not 0 <= csq <= 31:
-        return "unknown"
-    if csq < 10:
-        return "marginal"
-    if csq < 15:
-        return "ok"
-    if csq < 20:
-        return "good"
-    return "excellent"
-
-
 class Modem:
     """Driver for one modem. ``open()`` opens and initialises; ``send_sms()`` sends."""
 
@@ -173,7 +133,7 @@ class Modem:
         self.name = settings.name
         self.timing = timing or Timing()
         self.info = ModemInfo()
-        self.pin_rejected = False  # once set, the PIN is never sent again
+        self._pin = SimPin(settings.pin, self.timing.not_ready)
         self.on_trouble = on_trouble
         self.on_urc = on_urc
         self.incoming_waiting = asyncio.Event()  # +CMTI seen
@@ -185,14 +145,22 @@ class Modem:
         self._lost: str | None = None
         self._ref = random.randrange(256)
         self._ussd: asyncio.Future[str] | None = None
-        # Stored-copy bookkeeping (see the module docstring).
+        # Stored-copy bookkeeping (rules in sweep.py).
         self.sweep_wanted = asyncio.Event()  # a send left copies for an idle-time sweep
         self._sweep_lock = asyncio.Lock()
-        self._parts_since_sweep = 0
-        self._keeps_copies: bool | None = None  # None: not learned since open()
-        self._free_slots: int | None = None  # at the last sweep; None: unknown
-        self._sending = 0
-        self._last_send_end = 0.0
+        self._sweep = SweepPolicy(settings.delete_sent, settings.max_parts)
+
+    @property
+    def pin_rejected(self) -> bool:
+        """Once set, the PIN is never sent again."""
+        return self._pin.rejected
+
+    @pin_rejected.setter
+    def pin_rejected(self, value: bool) -> None:
+        if value:
+            self._pin.reject()
+        else:
+            self._pin.allow()
 
     # --- port ------------------------------------------------------------------------
 
@@ -298,16 +266,14 @@ class Modem:
         line = urc.line
         upper = line.upper()
         if upper.startswith("^RSSI:"):
-            self.info.csq = _int(line[6:])
+            self.info.csq = replies.rssi_urc(line[6:])
         elif upper.startswith("+CREG:"):
-            f = _fields(line[6:])
-            # URC form: "+CREG: <stat>[,<lac>,<ci>]"
-            self.info.registered = f[0] in ("1", "5")
+            self.info.registered = replies.creg_urc_registered(line[6:])
         elif upper.startswith("+CMTI:"):
             self.incoming_waiting.set()
         elif upper.startswith("+CUSD:") and self._ussd is not None and not self._ussd.done():
             self._ussd.set_result(line[6:].strip())
-        elif upper.startswith(_RESTART_URCS) and self.on_trouble is not None:
+        elif upper.startswith(replies.RESTART_URCS) and self.on_trouble is not None:
             self.on_trouble(f"modem restarted ({line})")
         if self.on_urc is not None:
             self.on_urc(urc)
@@ -379,7 +345,7 @@ class Modem:
         delay = 0.1
         while True:
             reply = await self.exchange(line, timeout)
-            if (reply.final.kind, reply.final.code) not in _NOT_READY or loop.time() > deadline:
+            if not replies.is_not_ready(reply.final) or loop.time() > deadline:
                 return reply
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -395,13 +361,12 @@ class Modem:
 
     async def open(self) -> None:
         """Open the port and make the modem ready to send (PDU mode, SIM unlocked)."""
-        if self.pin_rejected:
-            raise PinError("the SIM rejected the configured PIN; fix the PIN and restart")
+        refused = self._pin.opening()
+        if refused is not None:
+            raise PinError(refused.reason)
         await self.open_port()
         # Another modem (or SIM) may be behind the port now: learn its storage again.
-        self._keeps_copies = None
-        self._free_slots = None
-        self._parts_since_sweep = 0
+        self._sweep.opened()
         self.sweep_wanted.clear()
         try:
             await self._initialise()
@@ -448,51 +413,42 @@ class Modem:
             try:
                 reply = await self.exchange("AT+CPIN?", self.timing.cpin_grace)
             except AtTimeout as exc:
-                answer = [ln for ln in exc.partial if ln.upper().startswith("+CPIN:")]
-                if answer:
-                    return answer[0][6:].strip().upper()
+                answer = replies.cpin_in_partial(exc.partial)
+                if answer is not None:
+                    return answer
                 raise
-            values = reply.prefixed("+CPIN:")
-            if values:
-                return values[0].upper()
-            if (reply.final.kind, reply.final.code) in _NOT_READY and loop.time() < deadline:
+            state = replies.cpin_state(reply.prefixed("+CPIN:"))
+            if state is not None:
+                return state
+            if replies.is_not_ready(reply.final) and loop.time() < deadline:
                 await asyncio.sleep(0.5)
                 continue
-            if reply.final.kind is FinalKind.CME and reply.final.code == 10:
+            if replies.is_sim_absent(reply.final):
                 raise ModemError("SIM not inserted")
             raise CommandError("AT+CPIN?", reply.final)
 
     async def _unlock_sim(self) -> bool:
-        """Enter the PIN if the SIM asks for it; True if it was entered."""
-        state = await self._cpin()
-        if state == "READY":
-            return False
-        if state != "SIM PIN":
-            self.pin_rejected = True
-            raise PinError(f"SIM needs {state}; otpd only enters the SIM PIN")
-        if not self.settings.pin:
-            self.pin_rejected = True
-            raise PinError("SIM needs a PIN but none is configured")
-        log.info("modem %s: entering SIM PIN", self.name)
-        try:
-            reply = await self.exchange(command("+CPIN", self.settings.pin), 10.0)
-        except AtTimeout:
-            self.pin_rejected = True  # unknown outcome: never risk a second try
-            raise PinError("no answer to the SIM PIN") from None
-        if not reply.ok:
-            self.pin_rejected = True
-            raise PinError(f"SIM rejected the PIN ({reply.final.describe()})")
+        """Enter the PIN if the SIM asks for it (pin.py decides); True if it was entered."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(self.timing.not_ready, 1.0)
+        action = self._pin.begin()
         while True:
-            state = await self._cpin()
-            if state == "READY":
-                return True
-            if state != "SIM PIN" and loop.time() < deadline:
-                await asyncio.sleep(0.3)  # e.g. "NOT READY" while the SIM starts
-                continue
-            self.pin_rejected = True
-            raise PinError(f"SIM still not ready after the PIN ({state})")
+            if isinstance(action, AskState):
+                if action.delay:
+                    await asyncio.sleep(action.delay)  # e.g. "NOT READY" while the SIM starts
+                action = self._pin.state(await self._cpin(), loop.time())
+            elif isinstance(action, EnterPin):
+                log.info("modem %s: entering SIM PIN", self.name)
+                try:
+                    reply = await self.exchange(command("+CPIN", action.pin), 10.0)
+                except AtTimeout:
+                    action = self._pin.pin_answer(None, "", loop.time())
+                else:
+                    action = self._pin.pin_answer(reply.ok, reply.final.describe(), loop.time())
+            elif isinstance(action, Unlocked):
+                return action.entered
+            else:
+                assert isinstance(action, Refused)
+                raise PinError(action.reason)
 
     async def _select_storage(self) -> None:
         mem = self.settings.storage
@@ -509,48 +465,34 @@ class Modem:
         info.model = await self._text("AT+CGMM")
         info.revision = await self._text("AT+CGMR")
         imei = await self._text("AT+CGSN")
-        info.imei = imei.removeprefix("+CGSN:").strip().strip('"')
+        info.imei = replies.imei(imei)
         info.imsi = await self._text("AT+CIMI")
 
     async def _text(self, line: str) -> str:
         reply = await self.patient(line)
-        return " ".join(reply.lines).strip() if reply.ok else ""
+        return replies.identity_text(reply.lines, reply.ok)
 
     async def refresh(self) -> ModemInfo:
         """Operator, signal and registration (also a liveness check)."""
         reply = await self.exchange("AT+COPS?")
         for value in reply.prefixed("+COPS:"):
-            f = _fields(value)
-            self.info.operator = f[2] if len(f) >= 3 else ""
+            self.info.operator = replies.cops_operator(value)
         reply = await self.exchange("AT+CSQ")
         for value in reply.prefixed("+CSQ:"):
-            csq = _int(_fields(value)[0])
-            self.info.csq = csq if csq is not None and 0 <= csq <= 31 else None
+            self.info.csq = replies.csq(value)
         reply = await self.exchange("AT+CREG?")
         for value in reply.prefixed("+CREG:"):
-            f = _fields(value)
-            stat = f[1] if len(f) >= 2 else f[0]  # "<n>,<stat>[,...]"
-            self.info.registered = stat in ("1", "5")
+            self.info.registered = replies.creg_registered(value)
         return self.info
 
     # --- storage ------------------------------------------------------------------------
 
-    async def _listing(self, stat: int) -> list[tuple[int, int, str]]:
+    async def _listing(self, stat: int) -> list[replies.Listed]:
         """(index, stat, pdu) of stored messages with this status."""
         reply = await self.patient(f"AT+CMGL={stat}", max(self.settings.command_timeout, 10.0))
         if not reply.ok:
             return []
-        found: list[tuple[int, int, str]] = []
-        lines = list(reply.lines)
-        for i, line in enumerate(lines):
-            # A "+CMGL:" may be glued to the end of the previous PDU line.
-            m = re.search(r"\+CMGL:\s*(\d+)\s*,\s*(\d+)", line, re.IGNORECASE)
-            if not m:
-                continue
-            body = lines[i + 1] if i + 1 < len(lines) else ""
-            body = re.split(r"\+CMGL:", body, flags=re.IGNORECASE)[0].strip()
-            found.append((int(m.group(1)), int(m.group(2)), body))
-        return found
+        return replies.cmgl_listing(reply.lines)
 
     async def cleanup_sent(self) -> int:
         """Delete every stored outgoing message (STO UNSENT, STO SENT); never received ones.
@@ -558,20 +500,20 @@ class Modem:
         One sweep at a time: a second one would delete by a stale listing, and an
         index freed by the first may hold a newly received message by then."""
         async with self._sweep_lock:
-            parts, self._parts_since_sweep = self._parts_since_sweep, 0
+            parts = self._sweep.sweep_started()
             self.sweep_wanted.clear()
             try:
-                deleted = await self._sweep()
+                deleted, free = await self._delete_stored_copies()
             except BaseException:
-                self._parts_since_sweep += parts  # nothing learned: sweep again later
+                self._sweep.sweep_failed(parts)  # nothing learned: sweep again later
                 raise
-            if parts:
-                self._keeps_copies = deleted > 0
+            self._sweep.sweep_done(parts, deleted, free)
         if deleted:
             log.info("modem %s: deleted %d stored outgoing message(s)", self.name, deleted)
         return deleted
 
-    async def _sweep(self) -> int:
+    async def _delete_stored_copies(self) -> tuple[int, int | None]:
+        """(copies deleted, free slots after) of one sweep."""
         deleted = 0
         for stat in (2, 3):
             for index, listed_stat, _ in await self._listing(stat):
@@ -583,43 +525,24 @@ class Modem:
                 else:
                     log.warning("modem %s: cannot delete stored message %d: %s", self.name,
                                 index, reply.final.describe())
-        self._free_slots = await self._free_storage()
-        return deleted
+        return deleted, await self._free_storage()
 
     async def _free_storage(self) -> int | None:
         """Free slots in the storage sent messages go to (``<mem2>`` of AT+CPMS?)."""
         reply = await self.exchange("AT+CPMS?")
         for value in reply.prefixed("+CPMS:"):
-            # '"SM",used,total' for <mem1>, then <mem2> and <mem3> where supported.
-            f = _fields(value)
-            at = 4 if len(f) >= 6 else 1
-            used, total = (_int(f[at]), _int(f[at + 1])) if len(f) > at + 1 else (None, None)
-            if used is not None and total:
-                return max(total - used, 0)
+            free = replies.cpms_free(value)
+            if free is not None:
+                return free
         return None
 
     def sweep_due(self) -> bool:
         """Stored copies may be waiting for a sweep."""
-        if not self.settings.delete_sent or self._parts_since_sweep == 0:
-            return False
-        return self._keeps_copies is not False or self._parts_since_sweep >= RECHECK_PARTS
+        return self._sweep.sweep_due()
 
     def idle_sweep_at(self, idle: float) -> float | None:
         """Loop time after which a due sweep can run (``idle`` s after the last send)."""
-        if self._sending or not self.sweep_due():
-            return None
-        return self._last_send_end + idle
-
-    def _sweep_now(self) -> bool:
-        """Right after a send: must the sweep run before the next send?"""
-        if not self.settings.delete_sent or self._parts_since_sweep == 0:
-            return False
-        if self._keeps_copies is None:
-            return True  # the first send since open(): learn whether copies are kept
-        if not self._keeps_copies:
-            return False
-        free = self._free_slots
-        return free is None or self._parts_since_sweep + self.settings.max_parts > free
+        return self._sweep.idle_sweep_at(idle)
 
     async def read_incoming(self) -> list[Incoming]:
         """Unread received messages (the modem marks them read; they stay stored)."""
@@ -659,18 +582,17 @@ class Modem:
         )
         refs: list[int] = []
         healthy = True
-        self._sending += 1
+        self._sweep.send_started()
         try:
             for part in parts:
-                self._parts_since_sweep += 1  # even a refused part may leave a copy
+                self._sweep.part_sending()  # even a refused part may leave a copy
                 refs.append(await self._send_part(part))
         except (AtTimeout, PortError):
             healthy = False
             raise
         finally:
-            self._sending -= 1
-            self._last_send_end = asyncio.get_running_loop().time()
-            if healthy and self._sweep_now():
+            self._sweep.send_ended(asyncio.get_running_loop().time())
+            if healthy and self._sweep.sweep_now():
                 try:
                     await self.cleanup_sent()
                 except ModemError as exc:
@@ -685,41 +607,38 @@ class Modem:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timing.not_ready
         smsc_fixed = False
-        swept = not self.settings.delete_sent  # never delete what the user keeps
+        swept = False  # at most one sweep per part
         delay = 0.2
         while True:
             reply = await self.exchange(
                 f"AT+CMGS={part.tpdu_length}", self.settings.send_timeout, pdu_hex=part.hex
             )
             if reply.ok:
-                values = reply.prefixed("+CMGS:")
-                mr = _int(_fields(values[0])[0]) if values else None
-                return -1 if mr is None else mr
+                return replies.cmgs_reference(reply.prefixed("+CMGS:"))
             final = reply.final
-            if (final.kind, final.code) in _NOT_READY and loop.time() < deadline:
+            if replies.is_not_ready(final) and loop.time() < deadline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            if (final.kind, final.code) in _STORAGE_FULL and not swept:
+            if replies.is_storage_full(final) and self._sweep.sweep_when_full(swept):
                 swept = True
                 log.warning("modem %s: SMS storage full; deleting stored copies", self.name)
                 await self.cleanup_sent()
                 continue
-            if final.kind is FinalKind.CMS and final.code == 330 and not smsc_fixed:
+            if replies.is_smsc_unknown(final) and not smsc_fixed:
                 smsc_fixed = True
                 if await self._rewrite_smsc():
                     continue
-            permanent = final.kind is FinalKind.CMS and final.code in PERMANENT_CMS
+            permanent = replies.is_permanent(final)
             raise SendError(f"modem {self.name}: {final.describe()}", permanent=permanent)
 
     async def _rewrite_smsc(self) -> bool:
         """Huawei E220: "SMSC unknown" until AT+CSCA is written once, even with the same value."""
         reply = await self.patient("AT+CSCA?")
         for value in reply.prefixed("+CSCA:"):
-            f = _fields(value)
-            number = f[0]
-            if number and number != "+":
-                toa = _int(f[1]) if len(f) > 1 else None
+            smsc = replies.csca(value)
+            if smsc is not None:
+                number, toa = smsc
                 args: list[int | str] = [number] + ([toa] if toa is not None else [])
                 written = await self.exchange(command("+CSCA", *args))
                 return written.ok
@@ -744,18 +663,3 @@ class Modem:
         finally:
             self._ussd = None
 
-
-def decode_ussd(value: str) -> tuple[str, bool]:
-    """(text, replyable) from a ``+CUSD:`` value such as ``0,"Balance 10",15``."""
-    m = re.match(r'\s*(\d)\s*(?:,\s*"?(.*?)"?\s*(?:,\s*(\d+))?)?\s*$', value, re.DOTALL)
-    if not m:
-        return value, False
-    status, text, dcs = m.group(1), m.group(2) or "", m.group(3)
-    if dcs is not None and int(dcs) == 72 and re.fullmatch(r"(?:[0-9A-Fa-f]{4})+", text):
-        text = bytes.fromhex(text).decode("utf-16-be", "replace")
-    return text, status == "1"
-
-
-def _int(text: str) -> int | None:
-    text = text.strip()
-    return int(text) if text.isdigit() else None
