@@ -8,11 +8,27 @@ collector, so nothing polls in the background.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from otpd.settings_reader import Section
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool
+    require_auth: bool  # /metrics behind the REST users file (healthz/readyz never are)
+
+
+def parse_metrics_settings(s: Section) -> MetricsSettings:
+    out = MetricsSettings(enabled=s.bool("enabled", True),
+                          require_auth=s.bool("require_auth", True))
+    s.finish()
+    return out
 
 _MODEM_STATES = ("starting", "ready", "busy", "down", "failed", "disabled")
 

@@ -18,12 +18,14 @@ from typing import Any
 
 from otpd import otp as otpmod
 from otpd.aio import within
-from otpd.app.settings import Settings
 from otpd.delivery.channel import Channel, Job
 from otpd.delivery.engine import DeliveryEngine, Result
+from otpd.delivery.settings import DeliverySettings
 from otpd.limits import Limiter
 from otpd.metrics import Metrics
 from otpd.msisdn import InvalidReceiver, canonical_receiver, is_email, mask
+from otpd.otp_attempts import VERIFY_RESPONSES
+from otpd.otp_settings import OtpSettings
 from otpd.sealing import Sealer
 from otpd.store import (
     Duplicate,
@@ -34,7 +36,6 @@ from otpd.store import (
     StoreError,
     VerifyResult,
 )
-from otpd.store.records import VERIFY_RESPONSES
 from otpd.wire.codes import Code
 from otpd.wire.protocol import (
     BlockMsisdn,
@@ -59,11 +60,15 @@ log = logging.getLogger("otpd.service")
 OnStored = Callable[[], Awaitable[None]]
 
 
-
 class Service:
+    """Handed the slices of the settings it applies (the OTP rules, delivery
+    wait and lifetimes) and its limiter, never the daemon's settings root."""
+
     def __init__(
         self,
-        settings: Settings,
+        otp: OtpSettings,
+        delivery: DeliverySettings,
+        limiter: Limiter,
         store: Store,
         engine: DeliveryEngine,
         channels: dict[str, Channel],
@@ -73,14 +78,40 @@ class Service:
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics
-        self.settings = settings
+        self.otp = otp
+        self.delivery = delivery
         self.store = store
         self.engine = engine
         self.channels = channels
         self.key = server_key
         self.sealer = sealer
         self.clock = clock
-        self.limiter = Limiter(settings.limits, store)
+        self.limiter = limiter
+
+    # -- REST logins (credential stuffing) ------------------------------------------
+    async def login_blocked(self, ip: str) -> float:
+        """Seconds this address must wait before its next login attempt (0 = none)."""
+        return await self.limiter.auth_blocked(ip, self.clock())
+
+    async def login_failed(self, ip: str) -> bool:
+        """Count a failed login; True when limits apply (the caller slows down)."""
+        await self.limiter.auth_failed(ip, self.clock())
+        return self.limiter.enabled
+
+    # -- block list: every path (commands, the control socket) comes here ----------
+    async def block(self, receiver: str, *, by: str) -> str:
+        """Block a receiver; returns its canonical form. Raises InvalidReceiver."""
+        canonical = canonical_receiver(receiver, self.otp.country_code)
+        await self.store.block(canonical, self.clock())
+        log.info("%s blocked %s", by, mask(canonical))
+        return canonical
+
+    async def unblock(self, receiver: str, *, by: str) -> tuple[str, bool]:
+        """Unblock a receiver: its canonical form and whether it was blocked."""
+        canonical = canonical_receiver(receiver, self.otp.country_code)
+        removed = await self.store.unblock(canonical)
+        log.info("%s unblocked %s%s", by, mask(canonical), "" if removed else " (was not blocked)")
+        return canonical, removed
 
     async def execute(
         self,
@@ -95,7 +126,7 @@ class Service:
         (brokers acknowledge there); ``wait`` bounds the wait for a send result.
         ``transport`` names the client for limits (``rest:<user>``, ``amqp``...)."""
         cmd = env.command
-        wait = self.settings.delivery.wait if wait is None else wait
+        wait = self.delivery.wait if wait is None else wait
         client = transport or "-"
         try:
             # Request rates are limited per REST user and address; a broker command
@@ -147,12 +178,10 @@ class Service:
             case VerifyOtp():
                 return await self._verify(name, cmd)
             case BlockMsisdn():
-                receiver = self._receiver(cmd.receiver)
-                await self.store.block(receiver, self.clock())
+                await self.block(self._receiver(cmd.receiver), by=client)
                 return Response(name, Code.SUCCESS, _echo(cmd, None))
             case UnblockMsisdn():
-                receiver = self._receiver(cmd.receiver)
-                await self.store.unblock(receiver)
+                await self.unblock(self._receiver(cmd.receiver), by=client)
                 return Response(name, Code.SUCCESS, _echo(cmd, None))
             case GetModemList():
                 status = self.channels["sms"].status()
@@ -167,7 +196,7 @@ class Service:
     # -- sending ---------------------------------------------------------------
     def _receiver(self, receiver: str) -> str:
         try:
-            return canonical_receiver(receiver, self.settings.otp.country_code)
+            return canonical_receiver(receiver, self.otp.country_code)
         except InvalidReceiver as exc:
             raise ProtocolError(Code.INVALID_REQUEST, f"data.receiver: {exc}") from None
 
@@ -221,10 +250,10 @@ class Service:
                 return _duplicate_response(name, cmd, duplicate)
             return _limited(name, cmd, retry_after, "too many messages to this receiver")
         if isinstance(cmd, RequestOtp):
-            lifetimes = (self.settings.otp.default_lifetime, self.settings.otp.max_lifetime)
+            lifetimes = (self.otp.default_lifetime, self.otp.max_lifetime)
         else:
-            lifetimes = (self.settings.delivery.default_lifetime,
-                         self.settings.delivery.max_lifetime)
+            lifetimes = (self.delivery.default_lifetime,
+                         self.delivery.max_lifetime)
         expires_at = self._expires_at(cmd.expiration, now, *lifetimes)
         if expires_at <= now:
             return Response(name, Code.EXPIRED, _echo(cmd, None), "expiration is already past")
@@ -238,10 +267,10 @@ class Service:
             return prepared
         receiver, channel, expires_at = prepared
         now = self.clock()
-        code = otpmod.generate_code(self.settings.otp.length)
+        code = otpmod.generate_code(self.otp.length)
         salt = otpmod.new_salt()
         digest = otpmod.otp_digest(self.key, salt, cmd.reference, code, receiver, cmd.params)
-        subject = cmd.subject or self.settings.otp.email_subject
+        subject = cmd.subject or self.otp.email_subject
         text = render_template(cmd.message, code)
         del code  # from here on only the sealed outbox text holds it
         msg = NewMessage(
@@ -265,7 +294,7 @@ class Service:
         receiver, channel, expires_at = prepared
         subject = ""
         if channel == "email":
-            subject = getattr(cmd, "subject", None) or self.settings.otp.email_subject
+            subject = getattr(cmd, "subject", None) or self.otp.email_subject
         msg = NewMessage(
             command=name, channel=channel, receiver=receiver, subject=subject,
             sealed=self.sealer.seal(cmd.message, receiver), created_at=self.clock(),
@@ -329,7 +358,7 @@ class Service:
                                       cmd.otp, receiver, cmd.params)
 
         outcome = await self.store.verify_otp(cmd.reference, now, matches,
-                                              self.settings.otp.max_attempts)
+                                              self.otp.max_attempts)
         if outcome in (VerifyResult.WRONG, VerifyResult.BURNED, VerifyResult.UNKNOWN):
             await self.limiter.verify_failed(receiver, now)
         code, message = VERIFY_RESPONSES[outcome]

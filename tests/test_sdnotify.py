@@ -12,6 +12,7 @@ import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -256,24 +257,34 @@ async def test_no_watchdog_configured_means_no_task() -> None:
     await dog.stop()
 
 
-def test_summary_of_a_daemon_status() -> None:
-    status = {
-        "pending": 4,
-        "channels": {
-            "sms": {"modems": [{"name": "m1", "state": "ready"}, {"name": "m2", "state": "busy"},
-                               {"name": "m3", "state": "down"}]},
-            "email": {"accounts": [{"name": "primary", "healthy": True},
-                                   {"name": "backup", "healthy": False}]},
-        },
-        "brokers": [{"name": "amqp", "connected": True}, {"name": "mqtt", "connected": False}],
-        "ddns": {"state": "ok"},
-    }
-    assert sdnotify.summary(status) == (
+def test_status_line_of_a_daemon_summary() -> None:
+    parts = ["2/3 modems ready", "smtp 1/2 ok", "", "amqp connected", "mqtt down", "ddns ok",
+             "4 pending"]
+    assert sdnotify.status_line(parts) == (
         "2/3 modems ready, smtp 1/2 ok, amqp connected, mqtt down, ddns ok, 4 pending")
-    assert sdnotify.summary({"channels": {"sms": {"modems": [{"state": "starting"}]}}}) == (
-        "0/1 modem ready")
-    assert sdnotify.summary({"channels": {"sms": {"modems": []}}, "brokers": []}) == "running"
-    assert sdnotify.summary({}) == "running"
+    assert sdnotify.status_line([]) == "running"
+
+
+class _FakeChannel:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def summary(self) -> str:
+        return self.text
+
+
+def test_daemon_summary_asks_each_channel() -> None:
+    from otpd.app.daemon import Daemon
+    from otpd.app.settings import parse_settings
+    from otpd.delivery.engine import DeliveryEngine
+
+    daemon = Daemon(parse_settings(""))
+    assert daemon.summary() == []
+    queues = {"email": types.SimpleNamespace(channel=_FakeChannel("smtp 1/2 ok")),
+              "sms": types.SimpleNamespace(channel=_FakeChannel("0/1 modem ready"))}
+    daemon.engine = cast(DeliveryEngine, types.SimpleNamespace(queues=queues,
+                                                               pending_count=lambda: 4))
+    assert daemon.summary() == ["0/1 modem ready", "smtp 1/2 ok", "4 pending"]
 
 
 async def test_status_reporter_sends_only_changes(path_receiver: Receiver) -> None:

@@ -141,9 +141,9 @@ def _control_path(args: argparse.Namespace) -> Path:
     try:
         return load_settings(args.config).control.socket
     except ConfigError:
-        from otpd.app.settings import ControlSettings
+        from otpd.app.control import DEFAULT_SOCKET
 
-        return ControlSettings(Path("/run/otpd/control.sock")).socket
+        return DEFAULT_SOCKET
 
 
 def _control(args: argparse.Namespace, message: dict[str, object]) -> dict[str, Any] | None:

@@ -13,26 +13,42 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from otpd.aio import within
-from otpd.msisdn import InvalidReceiver, canonical_receiver, mask
+from otpd.msisdn import InvalidReceiver, mask
+from otpd.service import Service
+from otpd.settings_reader import Section
 from otpd.store import Store
 
 log = logging.getLogger("otpd.app.control")
 
 _MAX_LINE = 4096
+DEFAULT_SOCKET = Path("/run/otpd/control.sock")
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    socket: Path  # Unix socket for the operator CLI (otpd status, block, outbox...)
+
+
+def parse_control_settings(s: Section) -> ControlSettings:
+    out = ControlSettings(socket=Path(s.str("socket", str(DEFAULT_SOCKET))))
+    s.finish()
+    return out
 
 
 class ControlServer:
-    def __init__(self, path: Path, store: Store, status: Callable[[], dict[str, Any]],
-                 country_code: str, now: Callable[[], float]) -> None:
+    def __init__(self, path: Path, service: Service, store: Store,
+                 status: Callable[[], dict[str, Any]]) -> None:
         self.path = path
+        # Changes go through the service (its rules, clock and logs); the store
+        # is only read here, for the operator's lists and counts.
+        self.service = service
         self.store = store
         self.status = status
-        self.country_code = country_code
-        self.now = now
         self._server: asyncio.AbstractServer | None = None
         self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "status": self._status,
@@ -98,17 +114,14 @@ class ControlServer:
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.status(), "counts": await self.store.counts()}
 
-    def _receiver(self, request: dict[str, Any]) -> str:
-        return canonical_receiver(str(request.get("receiver", "")), self.country_code)
-
     async def _block(self, request: dict[str, Any]) -> dict[str, Any]:
-        receiver = self._receiver(request)
-        await self.store.block(receiver, self.now())
+        receiver = await self.service.block(str(request.get("receiver", "")), by="control")
         return {"receiver": receiver}
 
     async def _unblock(self, request: dict[str, Any]) -> dict[str, Any]:
-        receiver = self._receiver(request)
-        return {"receiver": receiver, "removed": await self.store.unblock(receiver)}
+        receiver, removed = await self.service.unblock(str(request.get("receiver", "")),
+                                                       by="control")
+        return {"receiver": receiver, "removed": removed}
 
     async def _blocklist(self, request: dict[str, Any]) -> dict[str, Any]:
         # The operator manages this list, so it shows full numbers.

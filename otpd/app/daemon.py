@@ -9,20 +9,21 @@ import signal
 import sqlite3
 import ssl
 import time
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from otpd.aio import STOP_BOUND, bounded, cancel_and_wait, within
 from otpd.app import sdnotify
 from otpd.app.control import ControlServer
 from otpd.app.ddns import DdnsUpdater
 from otpd.app.ddns_settings import DdnsSettings
-from otpd.app.settings import Settings, StoreSettings, load_settings
+from otpd.app.settings import Settings, load_settings
 from otpd.auth.htpasswd import HtpasswdError, HtpasswdFile
 from otpd.channels.email import SmtpChannel
+from otpd.channels.sms.quota import QuotaError
 from otpd.delivery.channel import Channel, WorkSource
 from otpd.delivery.engine import DeliveryEngine
 from otpd.errors import StartupError
-from otpd.limits import SimQuota
+from otpd.limits import Limiter, SimQuota
 from otpd.metrics import Metrics
 from otpd.otp import KeyFileError, load_or_create_key
 from otpd.sealing import Sealer
@@ -30,6 +31,7 @@ from otpd.service import Service
 from otpd.settings_reader import ConfigError
 from otpd.store import SqliteStore, Store, StoreError
 from otpd.store.migrations import SchemaTooNew
+from otpd.store.settings import StoreSettings
 from otpd.transports.consumer import STOP_GRACE, Consumer
 from otpd.transports.registry import build_consumers
 from otpd.transports.rest import RestApi
@@ -54,6 +56,35 @@ class NoModems:
     def status(self) -> dict[str, Any]:
         return {"modems": []}
 
+    def summary(self) -> str:
+        return ""
+
+
+@runtime_checkable
+class Summarised(Protocol):
+    """A channel that says in a few words how it is (``2/3 modems ready``)."""
+
+    def summary(self) -> str: ...
+
+
+class StoreSimQuota:
+    """The pool's SimQuota, kept in the store; a store failure is the pool's QuotaError."""
+
+    def __init__(self, quota: SimQuota) -> None:
+        self._quota = quota
+
+    async def wait(self, sim: str, now: float) -> float:
+        try:
+            return await self._quota.wait(sim, now)
+        except StoreError as exc:
+            raise QuotaError(str(exc)) from exc
+
+    async def record(self, sim: str, parts: int, now: float) -> float:
+        try:
+            return await self._quota.record(sim, parts, now)
+        except StoreError as exc:
+            raise QuotaError(str(exc)) from exc
+
 
 def build_sms_channel(settings: Settings, store: Store) -> Channel:
     if not settings.sms.modems:
@@ -61,7 +92,7 @@ def build_sms_channel(settings: Settings, store: Store) -> Channel:
     from otpd.channels.sms.pool import ModemPool
 
     return ModemPool(settings.sms, country_code=settings.otp.country_code,
-                     quota=SimQuota(settings.limits, store))
+                     quota=StoreSimQuota(SimQuota(settings.limits, store)))
 
 
 async def open_store(s: StoreSettings) -> Store:
@@ -112,17 +143,16 @@ class Daemon:
             self.metrics.watch(self.status)
         self.engine = DeliveryEngine(self.store, channels, sealer, metrics=self.metrics)
         await self.engine.start()
-        self.service = Service(s, self.store, self.engine, channels, key, sealer,
-                               metrics=self.metrics)
+        self.service = Service(s.otp, s.delivery, Limiter(s.limits, self.store), self.store,
+                               self.engine, channels, key, sealer, metrics=self.metrics)
         if s.server.enabled:
             self.users = self._load_users()
             self.rest = RestApi(s.server, self.service, self.users, s.delivery.wait,
                                 metrics=self.metrics, health=self,
                                 metrics_auth=s.metrics.require_auth)
             await self.rest.start()
-        # The service's wall clock (block-list stamps): the same one its rules use.
-        self.control = ControlServer(s.control.socket, self.store, self.status,
-                                     s.otp.country_code, self.service.clock)
+        # Block and unblock go through the service: its rules, clock and logs.
+        self.control = ControlServer(s.control.socket, self.service, self.store, self.status)
         await self.control.start()
         # Consumers connect in the background: a broker that is down must not
         # keep the daemon (and its REST API) from starting.
@@ -224,6 +254,27 @@ class Daemon:
             "ddns": self.ddns.status() if self.ddns is not None else None,
         }
 
+    def summary(self) -> list[str]:
+        """The service status in a few parts (systemd's STATUS= line), e.g.
+        ``2/3 modems ready``, ``smtp 1/1 ok``, ``amqp connected``, ``4 pending``.
+        Each channel says how it is; nothing here knows a modem state."""
+        if self.engine is None:
+            return []
+        parts: list[str] = []
+        queues = self.engine.queues
+        for name in sorted(queues, key=lambda n: (n != "sms", n != "email", n)):
+            channel = queues[name].channel
+            text = channel.summary() if isinstance(channel, Summarised) else ""
+            if text:
+                parts.append(text)
+        for consumer in self.consumers:
+            parts.append(f"{consumer.name} {'connected' if consumer.connected else 'down'}")
+        ddns_state = self.ddns.status().get("state") if self.ddns is not None else None
+        if ddns_state:
+            parts.append(f"ddns {ddns_state}")
+        parts.append(f"{self.engine.pending_count()} pending")
+        return parts
+
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         """/readyz: the store takes writes and at least one channel can send."""
         assert self.store is not None and self.engine is not None
@@ -270,7 +321,7 @@ class Daemon:
 async def run_until_signalled(daemon: Daemon) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    reporter = sdnotify.StatusReporter(lambda: sdnotify.summary(daemon.status()))
+    reporter = sdnotify.StatusReporter(lambda: sdnotify.status_line(daemon.summary()))
     watchdog = sdnotify.Watchdog(daemon.healthy)
 
     def on_hup() -> None:

@@ -5,6 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
+
+from otpd.settings_reader import Section
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str
+
+
+def parse_log_settings(s: Section) -> LogSettings:
+    out = LogSettings(
+        level=s.str("level", "info", choices=("debug", "info", "warning", "error")),
+    )
+    s.finish()
+    return out
 
 _PRIORITIES = {
     logging.CRITICAL: 2,

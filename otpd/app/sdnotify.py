@@ -22,8 +22,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
 from otpd.aio import within
 
@@ -261,45 +260,10 @@ class Watchdog:
             await asyncio.sleep(max(0.0, period - (loop.time() - started)))
 
 
-_READY_MODEM_STATES = ("ready", "busy")
-
-
-def summary(status: Mapping[str, Any]) -> str:
-    """The daemon's status as one ``STATUS=`` line, e.g.
-    ``2/3 modems ready, smtp 1/1 ok, amqp connected, mqtt down, 4 pending``.
-
-    ``status`` is ``Daemon.status()``: ``channels.sms.modems[].state``,
-    ``channels.email.accounts[].healthy``, ``brokers[].name/connected``,
-    ``pending``, and optionally ``ddns.state``. Missing parts are left out.
-    """
-    parts: list[str] = []
-    channels = status.get("channels")
-    channels = channels if isinstance(channels, Mapping) else {}
-    sms = channels.get("sms")
-    modems = sms.get("modems") if isinstance(sms, Mapping) else None
-    if isinstance(modems, list) and modems:
-        ready_count = sum(1 for m in modems
-                          if isinstance(m, Mapping) and m.get("state") in _READY_MODEM_STATES)
-        noun = "modem" if len(modems) == 1 else "modems"
-        parts.append(f"{ready_count}/{len(modems)} {noun} ready")
-    email = channels.get("email")
-    accounts = email.get("accounts") if isinstance(email, Mapping) else None
-    if isinstance(accounts, list) and accounts:
-        ok = sum(1 for a in accounts if isinstance(a, Mapping) and a.get("healthy"))
-        parts.append(f"smtp {ok}/{len(accounts)} ok")
-    brokers = status.get("brokers")
-    if isinstance(brokers, list):
-        for broker in brokers:
-            if isinstance(broker, Mapping) and broker.get("name"):
-                state = "connected" if broker.get("connected") else "down"
-                parts.append(f"{broker['name']} {state}")
-    ddns = status.get("ddns")
-    if isinstance(ddns, Mapping) and ddns.get("state"):
-        parts.append(f"ddns {ddns['state']}")
-    pending = status.get("pending")
-    if isinstance(pending, int) and not isinstance(pending, bool):
-        parts.append(f"{pending} pending")
-    return ", ".join(parts) if parts else "running"
+def status_line(parts: Sequence[str]) -> str:
+    """The parts the daemon reports (``Daemon.summary()``) as one ``STATUS=`` line,
+    e.g. ``2/3 modems ready, smtp 1/1 ok, amqp connected, mqtt down, 4 pending``."""
+    return ", ".join(p for p in parts if p) or "running"
 
 
 class StatusReporter:

@@ -1,5 +1,5 @@
 """WebSocket message broker: ``otpd broker``."""
 
-from otpd.broker.server import BrokerConfig, BrokerServer
+from otpd.broker.server import BrokerConfig, BrokerServer, BrokerSettings
 
-__all__ = ["BrokerConfig", "BrokerServer"]
+__all__ = ["BrokerConfig", "BrokerServer", "BrokerSettings"]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from otpd.auth.htpasswd import HtpasswdError
-from otpd.broker.server import BrokerConfig, BrokerServer
+from otpd.broker.server import BrokerServer, BrokerSettings
 
 log = logging.getLogger("otpd.broker")
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     host, port = args.listen
-    config = BrokerConfig(
+    config = BrokerSettings(
         htpasswd=args.htpasswd,
         host=host,
         port=port,
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
-async def _serve(config: BrokerConfig) -> int:
+async def _serve(config: BrokerSettings) -> int:
     broker = BrokerServer(config)
     try:
         await broker.start()

@@ -55,7 +55,7 @@ MAX_TOPIC_LENGTH = 255
 
 
 @dataclass(frozen=True, slots=True)
-class BrokerConfig:
+class BrokerSettings:
     """Broker settings; defaults match the CLI's."""
 
     htpasswd: Path
@@ -89,6 +89,10 @@ class BrokerConfig:
         return errors
 
 
+# The old name, still used by callers and tests.
+BrokerConfig = BrokerSettings
+
+
 @dataclass(frozen=True, slots=True)
 class _Login:
     user: str
@@ -110,7 +114,7 @@ def _valid_topic(topic: str) -> bool:
 class BrokerServer:
     """Start with :meth:`start`, stop with :meth:`stop` (or ``async with``)."""
 
-    def __init__(self, config: BrokerConfig, users: HtpasswdFile | None = None) -> None:
+    def __init__(self, config: BrokerSettings, users: HtpasswdFile | None = None) -> None:
         errors = config.validate()
         if errors:
             raise ValueError("; ".join(errors))

@@ -13,7 +13,7 @@ from typing import Any
 import aiosmtplib
 
 from otpd.aio import STOP_BOUND, cancel_and_wait, raise_if_cancel_requested
-from otpd.app.settings import SmtpAccount
+from otpd.channels.email_settings import SmtpAccount
 from otpd.delivery.channel import Delivered, Failed, Job, Outcome, Retry, WorkSource
 from otpd.msisdn import mask
 from otpd.wire.codes import Code
@@ -62,6 +62,14 @@ class SmtpChannel:
 
     def usable(self) -> bool:
         return bool(self.accounts)
+
+    def summary(self) -> str:
+        """For the one-line service status, e.g. ``smtp 1/2 ok`` ("" = no account)."""
+        if not self.accounts:
+            return ""
+        accounts = self.status()["accounts"]
+        ok = sum(1 for a in accounts if a["healthy"])
+        return f"smtp {ok}/{len(accounts)} ok"
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -21,12 +21,12 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from otpd.app.settings import ServerSettings
 from otpd.auth.basic import parse_basic_auth
 from otpd.auth.htpasswd import HtpasswdFile
 from otpd.errors import StartupError
 from otpd.metrics import Metrics
 from otpd.service import Service
+from otpd.transports.settings import ServerSettings
 from otpd.wire.codes import Code
 from otpd.wire.protocol import (
     COMMAND_NAMES,
@@ -39,7 +39,6 @@ from otpd.wire.protocol import (
 log = logging.getLogger("otpd.rest")
 
 _REALM = 'Basic realm="otpd", charset="UTF-8"'
-_USER_KEY = web.AppKey("user", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -201,9 +200,7 @@ class RestApi:
         self._auth_failures[ip] = failures
         if len(self._auth_failures) > 10_000:  # bounded memory under a spray of addresses
             self._auth_failures.clear()
-        limiter = self.service.limiter
-        await limiter.auth_failed(ip, self.service.clock())
-        if limiter.s.enabled:
+        if await self.service.login_failed(ip):
             await asyncio.sleep(min(0.05 * 2 ** min(failures, 10), 3.0))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -222,7 +219,7 @@ class RestApi:
             return _error(Code.INVALID_REQUEST, "use POST or PUT", 405,
                           headers={"Allow": "POST, PUT"}), "", Code.INVALID_REQUEST.value
         ip = request.remote or "-"
-        retry_after = await self.service.limiter.auth_blocked(ip, self.service.clock())
+        retry_after = await self.service.login_blocked(ip)
         if retry_after > 0:
             seconds = str(max(1, math.ceil(retry_after)))
             return _error(Code.RATE_LIMITED, "too many failed logins from this address", 429,

@@ -1,4 +1,5 @@
-"""``[amqp]``, ``[redis]``, ``[mqtt]`` and ``[ws]`` tables -> frozen, validated settings.
+"""``[server]`` (REST) and the ``[amqp]``, ``[redis]``, ``[mqtt]`` and ``[ws]`` tables ->
+frozen, validated settings.
 
 Each table present enables that consumer (``enabled = false`` keeps it
 configured but off). Keys every table shares:
@@ -28,14 +29,68 @@ defaults to ``otpd-<hostname>`` so that each node keeps its own session).
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from otpd.settings_reader import Section
 
 DEFAULT_TOPIC = "sms"
 MAX_TOPIC_CHARS = 255
+DEFAULT_PATHS = ("/api/otp", "/api/message", "/api/sms", "/api/email", "/api/block", "/api/unblock")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    enabled: bool
+    host: str
+    port: int
+    users_file: Path
+    max_body: int
+    tls_cert: str
+    tls_key: str
+    paths: tuple[str, ...]
+    allow_plain_http: bool
+
+
+def parse_server_settings(s: Section) -> ServerSettings:
+    host, port = s.host_port("listen", "127.0.0.1:8899")
+    paths = tuple(s.str_list("paths", DEFAULT_PATHS))
+    for p in paths:
+        if not p.startswith("/"):
+            s.error("paths", f"{p!r} must start with /")
+    cert, key = s.str("tls_cert", ""), s.str("tls_key", "")
+    if bool(cert) != bool(key):
+        s.error("tls_cert" if not cert else "tls_key", "tls_cert and tls_key must be set together")
+    allow_plain = s.bool("allow_plain_http", False)
+    if not cert and not allow_plain and not _is_loopback(host):
+        s.error("listen", f"{host} is not a loopback address: Basic auth passwords would cross"
+                " the network in clear; set tls_cert and tls_key, or allow_plain_http = true"
+                " (only behind a TLS-terminating proxy)")
+    out = ServerSettings(
+        allow_plain_http=allow_plain,
+        enabled=s.bool("enabled", True),
+        host=host,
+        port=port,
+        users_file=Path(s.str("users_file", "/etc/otpd/users")),
+        max_body=s.int("max_body", 65536, min=1024, max=16 * 1024 * 1024),
+        tls_cert=cert,
+        tls_key=key,
+        paths=paths,
+    )
+    s.finish()
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

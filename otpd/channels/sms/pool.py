@@ -36,11 +36,10 @@ from otpd.channels.sms.modem import (
     signal_condition,
 )
 from otpd.channels.sms.pdu import MessageTooLong
+from otpd.channels.sms.quota import QuotaError, SimQuota
 from otpd.channels.sms.settings import ModemSettings, SmsSettings
 from otpd.delivery.channel import Delivered, Failed, Job, Outcome, Retry, WorkSource
-from otpd.limits import SimQuota
 from otpd.msisdn import InvalidReceiver, canonical_msisdn, mask
-from otpd.store import StoreError
 from otpd.wire.codes import Code
 
 log = logging.getLogger(__name__)
@@ -181,6 +180,14 @@ class ModemPool:
                 "last_error": slot.last_error,
             })
         return {"modems": modems}
+
+    def summary(self) -> str:
+        """For the one-line service status, e.g. ``2/3 modems ready`` ("" = no modem)."""
+        if not self._slots:
+            return ""
+        ready = sum(1 for s in self._slots if s.state in _USABLE)
+        noun = "modem" if len(self._slots) == 1 else "modems"
+        return f"{ready}/{len(self._slots)} {noun} ready"
 
     async def ussd(self, modem_id: str, ussd_code: str) -> dict[str, Any]:
         """Run a USSD code on the named modem (OTP-Pi's request-ussd)."""
@@ -350,7 +357,7 @@ class ModemPool:
             return
         try:
             wait = await self.quota.wait(slot.sim, self.clock())
-        except StoreError as exc:
+        except QuotaError as exc:
             log.error("modem %s: cannot read the SIM quota: %s", slot.name, exc)
             return
         self._quota_reached(slot, wait)
@@ -360,7 +367,7 @@ class ModemPool:
             return
         try:
             wait = await self.quota.record(slot.sim, parts, self.clock())
-        except StoreError as exc:
+        except QuotaError as exc:
             log.error("modem %s: cannot record the SIM quota: %s", slot.name, exc)
             return
         self._quota_reached(slot, wait)

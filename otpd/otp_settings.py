@@ -1,0 +1,41 @@
+"""``[otp]``: code length, lifetimes, attempts, the key file and the country code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from otpd.settings_reader import Section
+
+
+@dataclass(frozen=True)
+class OtpSettings:
+    length: int
+    default_lifetime: int
+    max_lifetime: int
+    max_attempts: int
+    key_file: Path
+    country_code: str
+    email_subject: str
+
+
+def parse_otp_settings(s: Section) -> OtpSettings:
+    country = s.str("country_code", "62")
+    if not (country.isdigit() and country.isascii() and 1 <= len(country) <= 3):
+        s.error("country_code", "must be 1 to 3 digits, e.g. \"62\"")
+        country = "62"
+    default_lifetime = s.int("default_lifetime", 300, min=10, max=86400)
+    max_lifetime = s.int("max_lifetime", 600, min=10, max=86400)
+    if max_lifetime < default_lifetime:
+        s.error("max_lifetime", "must be >= otp.default_lifetime")
+    out = OtpSettings(
+        length=s.int("length", 6, min=4, max=10),
+        default_lifetime=default_lifetime,
+        max_lifetime=max_lifetime,
+        max_attempts=s.int("max_attempts", 5, min=1, max=100),
+        key_file=Path(s.str("key_file", "/var/lib/otpd/otp.key")),
+        country_code=country,
+        email_subject=s.str("email_subject", "Your OTP code"),
+    )
+    s.finish()
+    return out
