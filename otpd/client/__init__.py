@@ -10,14 +10,20 @@ Redis, MQTT or a WebSocket broker, chosen by configuration.
 """
 
 from otpd.client.api import AsyncOtpClient
-from otpd.client.config import ClientConfig, load_client_config, parse_client_config
+from otpd.client.config import (
+    ClientConfig,
+    ClientSettings,
+    load_client_config,
+    parse_client_config,
+)
 from otpd.client.errors import OtpClientError, OtpStoreError, ReplyTimeout, TransportError
 from otpd.client.response import OtpResponse
 from otpd.client.sync import OtpClient
 
 __all__ = [
     "AsyncOtpClient",
-    "ClientConfig",
+    "ClientConfig",  # the old name of ClientSettings
+    "ClientSettings",
     "OtpClient",
     "OtpClientError",
     "OtpResponse",

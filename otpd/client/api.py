@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from otpd.client.config import ClientConfig, load_client_config
+from otpd.client.config import ClientSettings, load_client_config
 from otpd.client.envelope import encode, envelope, normalise_params, param_fields
 from otpd.client.errors import ReplyTimeout
 from otpd.client.managed import Issued, ManagedOtps
@@ -42,6 +42,7 @@ from otpd.client.response import OtpResponse
 from otpd.client.transports import Transport, build_transport
 from otpd.msisdn import mask
 from otpd.settings_reader import ConfigError
+from otpd.wire.brokers import reply_topic
 from otpd.wire.codes import Code
 from otpd.wire.protocol import ProtocolError, parse_object
 
@@ -49,10 +50,6 @@ log = logging.getLogger("otpd.client")
 
 ParamsArg = Sequence[str | int]
 Id = str | int | None
-
-
-def reply_topic() -> str:
-    return f"otp-reply-{uuid.uuid4()}"
 
 
 def _lifetime(lifetime: int) -> int:
@@ -71,7 +68,7 @@ def _echo(data: dict[str, Any]) -> dict[str, Any]:
 
 
 class AsyncOtpClient:
-    def __init__(self, config: ClientConfig, *, transport: Transport | None = None,
+    def __init__(self, config: ClientSettings, *, transport: Transport | None = None,
                  otp_store: OtpStore | None = None) -> None:
         self.config = config
         self.transport = transport or build_transport(config)

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from otpd.client.api import AsyncOtpClient
-from otpd.client.config import METHODS, ClientConfig, default_config_path, load_client_config
+from otpd.client.config import METHODS, ClientSettings, default_config_path, load_client_config
 from otpd.client.errors import OtpClientError, ReplyTimeout
 from otpd.client.response import OtpResponse
 from otpd.settings_reader import ConfigError
@@ -69,7 +69,7 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args: argparse.Namespace) -> ClientConfig | None:
+def _load(args: argparse.Namespace) -> ClientSettings | None:
     path = getattr(args, "config", None) or default_config_path()
     try:
         return load_client_config(path, getattr(args, "method", None))
@@ -80,7 +80,7 @@ def _load(args: argparse.Namespace) -> ClientConfig | None:
         return None
 
 
-async def _execute(config: ClientConfig, op: Operation, args: argparse.Namespace) -> int:
+async def _execute(config: ClientSettings, op: Operation, args: argparse.Namespace) -> int:
     try:
         client = AsyncOtpClient(config)
     except ConfigError as exc:

@@ -89,16 +89,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from otpd.otp_attempts import DEFAULT_MAX_ATTEMPTS
 from otpd.settings_reader import ConfigError, Section
+from otpd.wire.brokers import DEFAULT_TOPIC
 
 METHODS = ("rest", "amqp", "redis", "mqtt", "ws")
 DEFAULT_CLIENT_CONFIG = Path("/etc/otpd/client.toml")
-DEFAULT_TOPIC = "sms"
 MIN_SECRET_KEY = 16
 
 
 @dataclass(frozen=True)
-class RestConfig:
+class RestSettings:
     url: str = "http://127.0.0.1:8899/api/otp"
     username: str = ""
     password: str = field(default="", repr=False)
@@ -107,14 +108,14 @@ class RestConfig:
 
 
 @dataclass(frozen=True)
-class AmqpConfig:
+class AmqpSettings:
     url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
     topic: str = DEFAULT_TOPIC
     tls_ca: str = ""
 
 
 @dataclass(frozen=True)
-class RedisConfig:
+class RedisSettings:
     url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     username: str = ""
     password: str = field(default="", repr=False)
@@ -125,7 +126,7 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
-class MqttConfig:
+class MqttSettings:
     host: str = "127.0.0.1"
     port: int = 1883
     username: str = ""
@@ -139,7 +140,7 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
-class WsConfig:
+class WsSettings:
     url: str = "ws://127.0.0.1:9000/ws"
     username: str = ""
     password: str = field(default="", repr=False)
@@ -148,7 +149,7 @@ class WsConfig:
 
 
 @dataclass(frozen=True)
-class ManageOtpConfig:
+class ManageOtpSettings:
     enabled: bool = False
     store: str = "sqlite"  # sqlite | redis
     path: Path = Path("/var/lib/otpd-client/otp.db")
@@ -156,7 +157,7 @@ class ManageOtpConfig:
     key_prefix: str = "otpd-client:otp:"
     secret_key: str = field(default="", repr=False)
     length: int = 6
-    max_attempts: int = 5
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
     max_lifetime: int = 600
     keep_expired: int = 3600
     country_code: str = "62"
@@ -164,22 +165,22 @@ class ManageOtpConfig:
 
 
 @dataclass(frozen=True)
-class ClientConfig:
+class ClientSettings:
     method: str = "rest"
     timeout: float = 30.0
     connect_timeout: float = 10.0
     wait_result: bool = False
     callback_delay: int = 0
     signing_key: str = field(default="", repr=False)
-    rest: RestConfig = field(default_factory=RestConfig)
-    amqp: AmqpConfig = field(default_factory=AmqpConfig)
-    redis: RedisConfig = field(default_factory=RedisConfig)
-    mqtt: MqttConfig = field(default_factory=MqttConfig)
-    ws: WsConfig = field(default_factory=WsConfig)
-    manage_otp: ManageOtpConfig = field(default_factory=ManageOtpConfig)
+    rest: RestSettings = field(default_factory=RestSettings)
+    amqp: AmqpSettings = field(default_factory=AmqpSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    ws: WsSettings = field(default_factory=WsSettings)
+    manage_otp: ManageOtpSettings = field(default_factory=ManageOtpSettings)
     source: Path | None = None
 
-    def with_method(self, method: str) -> ClientConfig:
+    def with_method(self, method: str) -> ClientSettings:
         """The same settings over another method (``--method``)."""
         if method not in METHODS:
             raise ConfigError([f"client.method: must be one of {', '.join(METHODS)}"])
@@ -190,7 +191,7 @@ def default_config_path() -> Path:
     return Path(os.environ.get("OTPD_CLIENT_CONFIG", str(DEFAULT_CLIENT_CONFIG)))
 
 
-def load_client_config(path: Path | str, method: str | None = None) -> ClientConfig:
+def load_client_config(path: Path | str, method: str | None = None) -> ClientSettings:
     """Read and validate ``path``; raises ConfigError listing every bad key."""
     path = Path(path)
     try:
@@ -203,8 +204,8 @@ def load_client_config(path: Path | str, method: str | None = None) -> ClientCon
     return config.with_method(method) if method else config
 
 
-def parse_client_config(text: str | Mapping[str, Any], path: Path | None = None) -> ClientConfig:
-    """TOML text (or an already parsed table) -> ClientConfig."""
+def parse_client_config(text: str | Mapping[str, Any], path: Path | None = None) -> ClientSettings:
+    """TOML text (or an already parsed table) -> ClientSettings."""
     if isinstance(text, str):
         try:
             data: Mapping[str, Any] = tomllib.loads(text)
@@ -226,7 +227,7 @@ def parse_client_config(text: str | Mapping[str, Any], path: Path | None = None)
     callback_delay = client.int("callback_delay", 0, min=0, max=10_000)
     signing_key = client.secret("signing_key")
     client.finish()
-    config = ClientConfig(
+    config = ClientSettings(
         method=method,
         timeout=timeout,
         connect_timeout=connect_timeout,
@@ -274,9 +275,9 @@ def _url(s: Section, key: str, value: str, default: str, schemes: tuple[str, ...
     return value
 
 
-def _rest(s: Section) -> RestConfig:
-    d = RestConfig()
-    out = RestConfig(
+def _rest(s: Section) -> RestSettings:
+    d = RestSettings()
+    out = RestSettings(
         url=_url(s, "url", s.str("url", d.url), d.url, ("http", "https")),
         username=s.str("username", ""),
         password=s.secret("password"),
@@ -289,9 +290,9 @@ def _rest(s: Section) -> RestConfig:
     return out
 
 
-def _amqp(s: Section) -> AmqpConfig:
-    d = AmqpConfig()
-    out = AmqpConfig(
+def _amqp(s: Section) -> AmqpSettings:
+    d = AmqpSettings()
+    out = AmqpSettings(
         url=_url(s, "url", s.secret("url", d.url), d.url, ("amqp", "amqps")),
         topic=_topic(s),
         tls_ca=s.str("tls_ca", ""),
@@ -300,9 +301,9 @@ def _amqp(s: Section) -> AmqpConfig:
     return out
 
 
-def _redis(s: Section) -> RedisConfig:
-    d = RedisConfig()
-    out = RedisConfig(
+def _redis(s: Section) -> RedisSettings:
+    d = RedisSettings()
+    out = RedisSettings(
         url=_url(s, "url", s.secret("url", d.url), d.url, ("redis", "rediss", "unix")),
         username=s.str("username", ""),
         password=s.secret("password"),
@@ -315,7 +316,7 @@ def _redis(s: Section) -> RedisConfig:
     return out
 
 
-def _mqtt(s: Section) -> MqttConfig:
+def _mqtt(s: Section) -> MqttSettings:
     tls_ca = s.str("tls_ca", "")
     tls = s.bool("tls", False) or bool(tls_ca)
     host = s.str("host", "127.0.0.1")
@@ -329,7 +330,7 @@ def _mqtt(s: Section) -> MqttConfig:
     topic = _topic(s)
     if any(c in topic for c in "+#"):
         s.error("topic", "must not contain MQTT wildcards (+ or #)")
-    out = MqttConfig(
+    out = MqttSettings(
         host=host,
         port=s.int("port", 8883 if tls else 1883, min=1, max=65535),
         username=s.str("username", ""),
@@ -345,9 +346,9 @@ def _mqtt(s: Section) -> MqttConfig:
     return out
 
 
-def _ws(s: Section) -> WsConfig:
-    d = WsConfig()
-    out = WsConfig(
+def _ws(s: Section) -> WsSettings:
+    d = WsSettings()
+    out = WsSettings(
         url=_url(s, "url", s.str("url", d.url), d.url, ("ws", "wss")),
         username=s.str("username", ""),
         password=s.secret("password"),
@@ -358,8 +359,8 @@ def _ws(s: Section) -> WsConfig:
     return out
 
 
-def _manage(s: Section) -> ManageOtpConfig:
-    d = ManageOtpConfig()
+def _manage(s: Section) -> ManageOtpSettings:
+    d = ManageOtpSettings()
     enabled = s.bool("enabled", False)
     store = s.str("store", "sqlite", choices=("sqlite", "redis"))
     redis_url = s.secret("redis_url", d.redis_url)
@@ -379,7 +380,7 @@ def _manage(s: Section) -> ManageOtpConfig:
     if not path.strip():
         s.error("path", "must not be empty")
         path = str(d.path)
-    out = ManageOtpConfig(
+    out = ManageOtpSettings(
         enabled=enabled,
         store=store,
         path=Path(path),
@@ -387,7 +388,7 @@ def _manage(s: Section) -> ManageOtpConfig:
         key_prefix=s.str("key_prefix", d.key_prefix),
         secret_key=secret_key,
         length=s.int("length", 6, min=4, max=10),
-        max_attempts=s.int("max_attempts", 5, min=1, max=100),
+        max_attempts=s.int("max_attempts", DEFAULT_MAX_ATTEMPTS, min=1, max=100),
         max_lifetime=s.int("max_lifetime", 600, min=1, max=7 * 86400),
         keep_expired=s.int("keep_expired", 3600, min=0, max=30 * 86400),
         country_code=country,
@@ -395,3 +396,13 @@ def _manage(s: Section) -> ManageOtpConfig:
     )
     s.finish()
     return out
+
+
+# The names before the library said "Settings" like the daemon; users may import them.
+RestConfig = RestSettings
+AmqpConfig = AmqpSettings
+RedisConfig = RedisSettings
+MqttConfig = MqttSettings
+WsConfig = WsSettings
+ManageOtpConfig = ManageOtpSettings
+ClientConfig = ClientSettings

@@ -16,13 +16,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from otpd import otp as otpmod
-from otpd.client.config import ManageOtpConfig
+from otpd.client.config import ManageOtpSettings
 from otpd.client.envelope import Params
 from otpd.client.otpstore import OtpStore, StoredOtp
 from otpd.client.response import OtpResponse
 from otpd.msisdn import InvalidReceiver, canonical_receiver
-from otpd.store.records import VERIFY_RESPONSES
+from otpd.otp import derive_key, generate_code, new_salt, otp_digest, otp_matches
+from otpd.otp_attempts import VERIFY_RESPONSES
 from otpd.wire.codes import Code
 from otpd.wire.protocol import (
     MAX_REFERENCE_CHARS,
@@ -44,10 +44,10 @@ class Issued:
 
 
 class ManagedOtps:
-    def __init__(self, config: ManageOtpConfig, store: OtpStore) -> None:
+    def __init__(self, config: ManageOtpSettings, store: OtpStore) -> None:
         self.config = config
         self.store = store
-        self._key = otpmod.derive_key(config.secret_key.encode("utf-8"), "client-otp")
+        self._key = derive_key(config.secret_key.encode("utf-8"), "client-otp")
 
     def _receiver(self, command: str, receiver: str) -> str:
         if not isinstance(receiver, str) or not receiver.strip():
@@ -79,9 +79,9 @@ class ManagedOtps:
             return OtpResponse.local_answer(name, exc.code, {}, exc.message)
         now = int(time.time())
         expiration = now + min(lifetime, self.config.max_lifetime)
-        code = otpmod.generate_code(self.config.length)
-        salt = otpmod.new_salt()
-        digest = otpmod.otp_digest(self._key, salt, ref, code, canonical, params)
+        code = generate_code(self.config.length)
+        salt = new_salt()
+        digest = otp_digest(self._key, salt, ref, code, canonical, params)
         text = render_template(message_format, code)
         del code
         stored = StoredOtp(ref, salt, digest, float(expiration),
@@ -111,7 +111,7 @@ class ManagedOtps:
             return OtpResponse.local_answer(name, exc.code, data, exc.message)
 
         def matches(record: StoredOtp) -> bool:
-            return otpmod.otp_matches(self._key, record.salt, record.digest, ref, code,
+            return otp_matches(self._key, record.salt, record.digest, ref, code,
                                       canonical, params)
 
         outcome = await self.store.verify(ref, now, matches, self.config.max_attempts)

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from otpd.client.api import AsyncOtpClient, Id, ParamsArg
-from otpd.client.config import ClientConfig, load_client_config
+from otpd.client.config import ClientSettings, load_client_config
 from otpd.client.response import OtpResponse
 
 T = TypeVar("T")
@@ -31,7 +31,7 @@ SAFETY_MARGIN = 30.0
 
 
 class OtpClient:
-    def __init__(self, config: ClientConfig, **kwargs: Any) -> None:
+    def __init__(self, config: ClientSettings, **kwargs: Any) -> None:
         self.config = config
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="otpd-client",

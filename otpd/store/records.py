@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
-from otpd.wire.codes import Code
+# The verify outcome is an OTP rule; the store protocol returns it, so it is re-exported.
+from otpd.otp_attempts import VERIFY_RESPONSES as VERIFY_RESPONSES  # until service.py moves
+from otpd.otp_attempts import VerifyResult as VerifyResult
 
 
 class StoreError(Exception):
@@ -98,23 +99,3 @@ class Duplicate:
     kind: str  # "reference" (request-otp) or "id" (message id already accepted)
     state: str | None = None  # the first message's state and code, for kind "id"
     code: str | None = None
-
-
-class VerifyResult(Enum):
-    OK = "ok"
-    WRONG = "wrong"
-    UNKNOWN = "unknown"
-    USED = "used"
-    EXPIRED = "expired"
-    BURNED = "burned"
-
-
-# What verify-otp answers for each outcome (the daemon and the client's manage_otp).
-VERIFY_RESPONSES: dict[VerifyResult, tuple[Code, str | None]] = {
-    VerifyResult.OK: (Code.SUCCESS, None),
-    VerifyResult.WRONG: (Code.INVALID_OTP, "invalid OTP"),
-    VerifyResult.UNKNOWN: (Code.INVALID_OTP, "invalid OTP"),
-    VerifyResult.USED: (Code.INVALID_OTP, "invalid OTP"),
-    VerifyResult.EXPIRED: (Code.EXPIRED, "OTP expired"),
-    VerifyResult.BURNED: (Code.TOO_MANY_ATTEMPTS, "too many attempts: the OTP is no longer valid"),
-}

@@ -24,6 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from otpd.otp_attempts import LUA_NAMES, RETRY, VerifyResult, outcome, precheck
 from otpd.store.records import (
     Duplicate,
     Finished,
@@ -34,7 +35,6 @@ from otpd.store.records import (
     OtpRecord,
     RateLimit,
     StoreError,
-    VerifyResult,
 )
 from otpd.store.sqlite import SqliteStore
 
@@ -42,35 +42,35 @@ from otpd.store.sqlite import SqliteStore
 _CREATE_OTP = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'receiver', ARGV[1], 'salt', ARGV[2], 'digest', ARGV[3],
-           'expires_at', ARGV[4], 'attempts', 0, 'state', 'active')
+           'expires_at', ARGV[4], 'attempts', 0, 'state', '{active}')
 redis.call('PEXPIREAT', KEYS[1], ARGV[5])
 return 1
-"""
+""".format(**LUA_NAMES)
 
 # KEYS[1] otp key; ARGV: expected attempts, matched (1/0), max attempts.
 # Compare-and-set: the HMAC is checked in Python against what was read; if
 # another node changed the record meanwhile, the caller reads it again.
 _SETTLE_VERIFY = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 'unknown' end
-if state ~= 'active' then return state end
-if tonumber(redis.call('HGET', KEYS[1], 'attempts')) ~= tonumber(ARGV[1]) then return 'retry' end
+if not state then return '{unknown}' end
+if state ~= '{active}' then return state end
+if tonumber(redis.call('HGET', KEYS[1], 'attempts')) ~= tonumber(ARGV[1]) then return '{retry}' end
 if ARGV[2] == '1' then
-  redis.call('HSET', KEYS[1], 'state', 'used')
-  return 'ok'
+  redis.call('HSET', KEYS[1], 'state', '{used}')
+  return '{ok}'
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if attempts >= tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'state', 'burned')
-  return 'burned'
+  redis.call('HSET', KEYS[1], 'state', '{burned}')
+  return '{burned}'
 end
-return 'wrong'
-"""
+return '{wrong}'
+""".format(**LUA_NAMES)
 
 _DROP_ACTIVE_OTP = """
-if redis.call('HGET', KEYS[1], 'state') == 'active' then return redis.call('DEL', KEYS[1]) end
+if redis.call('HGET', KEYS[1], 'state') == '{active}' then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
+""".format(**LUA_NAMES)
 
 # KEYS: rate keys; ARGV: now, record (1/0), then per key: window, limit,
 # member ('' = count events), new id
@@ -106,15 +106,6 @@ for i, key in ipairs(KEYS) do
 end
 return '0'
 """
-
-_VERIFY_RESULTS = {
-    "ok": VerifyResult.OK,
-    "wrong": VerifyResult.WRONG,
-    "burned": VerifyResult.BURNED,
-    "used": VerifyResult.USED,
-    "unknown": VerifyResult.UNKNOWN,
-}
-
 
 class RedisSharedStore:
     def __init__(self, outbox: SqliteStore, client: aioredis.Redis, prefix: str,
@@ -259,18 +250,16 @@ class RedisSharedStore:
                 attempts=int(raw[b"attempts"]),
                 state=raw[b"state"].decode(),
             )
-            if record.state == "used":
-                return VerifyResult.USED
-            if record.state == "burned":
-                return VerifyResult.BURNED
-            if now >= record.expires_at:
-                return VerifyResult.EXPIRED
+            early = precheck(record.state, record.expires_at, now)
+            if early is not None:
+                return early
             matched = matches(record)
+            # The Lua script settles as otp_attempts.settle does, compare-and-set on attempts.
             result = await self._call(self._settle(
                 keys=[key], args=[record.attempts, "1" if matched else "0", max_attempts]))
             text = result.decode() if isinstance(result, bytes) else str(result)
-            if text != "retry":
-                return _VERIFY_RESULTS.get(text, VerifyResult.UNKNOWN)
+            if text != RETRY:
+                return outcome(text)
         raise StoreError("redis: OTP record changed too often during verification")
 
     # -- block list ----------------------------------------------------------------

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from otpd.otp_attempts import OtpState, VerifyResult, verify_step
 from otpd.store.migrations import migrate
 from otpd.store.records import (
     Duplicate,
@@ -25,7 +26,6 @@ from otpd.store.records import (
     OtpRecord,
     RateLimit,
     StoreError,
-    VerifyResult,
 )
 from otpd.store.writer import GroupCommitWriter
 
@@ -106,7 +106,7 @@ class SqliteStore:
                     return Duplicate(kind="reference")
                 c.execute(
                     "INSERT INTO otp (reference, receiver, salt, digest, created_at, expires_at,"
-                    " attempts, state) VALUES (?, ?, ?, ?, ?, ?, 0, 'active')",
+                    " attempts, state) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
                     (
                         otp.reference,
                         otp.receiver,
@@ -114,6 +114,7 @@ class SqliteStore:
                         otp.digest,
                         otp.created_at,
                         otp.expires_at,
+                        OtpState.ACTIVE.value,
                     ),
                 )
             if msg.dedupe_key is not None:
@@ -230,8 +231,8 @@ class SqliteStore:
             finished = Finished(*row) if row else Finished(None, None)
             if state != "sent" and finished.otp_reference is not None:
                 c.execute(
-                    "DELETE FROM otp WHERE state = 'active' AND reference = ?",
-                    (finished.otp_reference,),
+                    "DELETE FROM otp WHERE state = ? AND reference = ?",
+                    (OtpState.ACTIVE.value, finished.otp_reference),
                 )
             return finished
 
@@ -255,22 +256,15 @@ class SqliteStore:
             if row is None:
                 return VerifyResult.UNKNOWN
             record = OtpRecord(*row)
-            if record.state == "used":
-                return VerifyResult.USED
-            if record.state == "burned":
-                return VerifyResult.BURNED
-            if now >= record.expires_at:
-                return VerifyResult.EXPIRED
-            if matches(record):
-                c.execute("UPDATE otp SET state = 'used' WHERE reference = ?", (reference,))
-                return VerifyResult.OK
-            attempts = record.attempts + 1
-            burned = attempts >= max_attempts
+            step = verify_step(record.state, record.attempts, record.expires_at, now,
+                               lambda: matches(record), max_attempts)
+            if isinstance(step, VerifyResult):
+                return step
             c.execute(
                 "UPDATE otp SET attempts = ?, state = ? WHERE reference = ?",
-                (attempts, "burned" if burned else "active", reference),
+                (step.attempts, step.state.value, reference),
             )
-            return VerifyResult.BURNED if burned else VerifyResult.WRONG
+            return step.result
 
         return await self._tx(run)
 

@@ -40,7 +40,8 @@ from aio_pika.abc import (
 )
 
 from otpd.aio import within
-from otpd.transports.consumer import Consumer, Inbound, safe_url, tls_context, url_password
+from otpd.netutil import safe_url, tls_context, url_password
+from otpd.transports.consumer import Consumer, Inbound
 from otpd.transports.settings import AmqpSettings
 
 if TYPE_CHECKING:

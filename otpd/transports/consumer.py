@@ -29,13 +29,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from otpd.aio import backoff_delay, cancel_and_wait, within
 from otpd.transports.settings import Common
@@ -74,30 +72,6 @@ class Inbound:
     # The broker's own reply address (AMQP reply_to, MQTT 5 response topic).
     reply_to: str | None = None
     correlation: bytes | str | None = None
-
-
-def tls_context(ca_file: str) -> ssl.SSLContext:
-    """Verify the server (hostname included) against ``ca_file`` or the system store."""
-    ctx = ssl.create_default_context(cafile=ca_file or None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-def safe_url(url: str) -> str:
-    """The URL without user and password, for logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def url_password(url: str) -> str:
-    try:
-        return urlsplit(url).password or ""
-    except ValueError:
-        return ""
 
 
 def loose_callback(body: bytes) -> tuple[str | None, int]:

@@ -50,7 +50,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from otpd.aio import within
-from otpd.transports.consumer import Consumer, Inbound, tls_context
+from otpd.netutil import tls_context
+from otpd.transports.consumer import Consumer, Inbound
 from otpd.transports.settings import MqttSettings
 
 if TYPE_CHECKING:

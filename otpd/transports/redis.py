@@ -47,32 +47,19 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from otpd.aio import within
-from otpd.transports.consumer import STOP_GRACE, Consumer, Inbound, safe_url, url_password
+from otpd.netutil import safe_url, url_password
+from otpd.transports.consumer import STOP_GRACE, Consumer, Inbound
 from otpd.transports.settings import RedisSettings
+from otpd.wire.brokers import STREAM_FIELD, entry_body
 
 if TYPE_CHECKING:
     from otpd.service import Service
 
 log = logging.getLogger("otpd.transports.redis")
 
-FIELD = "message"
 BLOCK_MAX = 5.0  # s one XREADGROUP blocks at most (stop and reclaims stay timely)
 POOL_SIZE = 8  # connections: the blocking read or the subscription, acks, replies
 POOL_WAIT = 10.0  # s a command waits for a free connection
-
-
-def entry_body(fields: dict[Any, Any] | None) -> bytes | None:
-    """The command bytes of a stream entry, or None if it has none."""
-    if not fields:
-        return None
-    for key, value in fields.items():
-        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
-        if name == FIELD:
-            return value if isinstance(value, bytes) else str(value).encode()
-    if len(fields) == 1:
-        value = next(iter(fields.values()))
-        return value if isinstance(value, bytes) else str(value).encode()
-    return None
 
 
 class RedisConsumer(Consumer):
@@ -263,8 +250,8 @@ class RedisConsumer(Consumer):
         if body is None:
             if fields:
                 log.warning("%s: dropped stream entry %s without a %r field", self.name,
-                            entry_id.decode(errors="replace"), FIELD)
-                self._note_error(f"dropped an entry without a {FIELD!r} field")
+                            entry_id.decode(errors="replace"), STREAM_FIELD)
+                self._note_error(f"dropped an entry without a {STREAM_FIELD!r} field")
             # Deleted from the stream (or unusable): take it off the pending list.
             await client.xack(topic, group, entry_id)
             return
@@ -293,7 +280,7 @@ class RedisConsumer(Consumer):
             raise ConnectionError("not connected to Redis")
         if self.settings.mode == "stream":
             async with client.pipeline(transaction=True) as pipe:
-                pipe.xadd(topic, {FIELD: body}, maxlen=self.settings.reply_maxlen,
+                pipe.xadd(topic, {STREAM_FIELD: body}, maxlen=self.settings.reply_maxlen,
                           approximate=True)
                 pipe.expire(topic, self.settings.reply_ttl)
                 await pipe.execute()

@@ -21,12 +21,13 @@ from __future__ import annotations
 import base64
 import logging
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import connect
 
-from otpd.transports.consumer import Consumer, Inbound, safe_url, tls_context
+from otpd.netutil import safe_url, tls_context
+from otpd.transports.consumer import Consumer, Inbound
 from otpd.transports.settings import WsSettings
+from otpd.wire.brokers import topic_url
 
 if TYPE_CHECKING:
     from otpd.service import Service
@@ -37,14 +38,6 @@ _wire_log = logging.getLogger("otpd.transports.ws.websockets")
 _wire_log.setLevel(logging.WARNING)
 
 OPEN_TIMEOUT = 10.0
-
-
-def topic_url(url: str, topic: str) -> str:
-    """``url`` with its ``topic`` query parameter set to ``topic``."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "topic"]
-    query.append(("topic", topic))
-    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", urlencode(query), ""))
 
 
 class WsConsumer(Consumer):

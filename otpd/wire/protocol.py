@@ -141,9 +141,6 @@ Command = (
     | Echo
 )
 
-SENDING_COMMANDS = (RequestOtp, SendSms, SendEmail, SendMessage)
-
-
 @dataclass(frozen=True)
 class Envelope:
     command: Command

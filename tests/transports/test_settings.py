@@ -7,8 +7,9 @@ import socket
 import pytest
 
 from otpd.aio import backoff_delay
+from otpd.netutil import safe_url
 from otpd.settings_reader import ConfigError
-from otpd.transports.consumer import loose_callback, safe_url
+from otpd.transports.consumer import loose_callback
 from tests.transports.conftest import broker_settings
 
 

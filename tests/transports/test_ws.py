@@ -12,7 +12,8 @@ from websockets.asyncio.client import connect
 
 from otpd.aio import within
 from otpd.broker import BrokerConfig, BrokerServer
-from otpd.transports.ws import WsConsumer, topic_url
+from otpd.transports.ws import WsConsumer
+from otpd.wire.brokers import topic_url
 from tests.conftest import wait_until
 from tests.transports.conftest import (
     APP_USER,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from otpd.client.config import ManageOtpConfig
+from otpd.client.config import ManageOtpSettings
 from otpd.client.otpstore.base import Matcher, OtpStore, StoredOtp, VerifyResult
 
 
-def open_store(config: ManageOtpConfig, connect_timeout: float = 10.0) -> OtpStore:
+def open_store(config: ManageOtpSettings, connect_timeout: float = 10.0) -> OtpStore:
     """The store ``config.store`` names (opened lazily on first use)."""
     if config.store == "redis":
         from otpd.client.otpstore.redis_store import RedisOtpStore

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from otpd.store.records import VerifyResult
+from otpd.otp_attempts import VerifyResult
 
 
 @dataclass(frozen=True)

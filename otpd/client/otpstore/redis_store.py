@@ -20,49 +20,44 @@ from redis.exceptions import RedisError
 
 from otpd.client.errors import OtpStoreError
 from otpd.client.otpstore.base import Matcher, OtpStore, StoredOtp, VerifyResult
-from otpd.transports.consumer import safe_url
+from otpd.netutil import safe_url
+from otpd.otp_attempts import LUA_NAMES, RETRY, outcome
 
 _INSERT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'salt', ARGV[1], 'digest', ARGV[2], 'expires_at', ARGV[3],
-           'attempts', 0, 'state', 'active')
+           'attempts', 0, 'state', '{active}')
 redis.call('EXPIREAT', KEYS[1], ARGV[4])
 return 1
-"""
+""".format(**LUA_NAMES)
 
 _DISCARD = """
 if redis.call('HGET', KEYS[1], 'salt') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-# ARGV: salt (hex), now, matched (1/0), max_attempts
+# ARGV: salt (hex), now, matched (1/0), max_attempts. The rules of
+# otpd.otp_attempts (precheck, then settle), atomically; RETRY: the record was
+# replaced (another salt) since it was read.
 _VERIFY = """
 local h = redis.call('HMGET', KEYS[1], 'salt', 'state', 'expires_at')
-if not h[1] then return 'unknown' end
-if h[1] ~= ARGV[1] then return 'changed' end
-if h[2] == 'used' then return 'used' end
-if h[2] == 'burned' then return 'burned' end
-if tonumber(ARGV[2]) >= tonumber(h[3]) then return 'expired' end
+if not h[1] then return '{unknown}' end
+if h[1] ~= ARGV[1] then return '{retry}' end
+if h[2] == '{used}' then return '{used}' end
+if h[2] == '{burned}' then return '{burned}' end
+if h[2] ~= '{active}' then return '{unknown}' end
+if tonumber(ARGV[2]) >= tonumber(h[3]) then return '{expired}' end
 if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[1], 'state', 'used')
-  return 'ok'
+  redis.call('HSET', KEYS[1], 'state', '{used}')
+  return '{ok}'
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if attempts >= tonumber(ARGV[4]) then
-  redis.call('HSET', KEYS[1], 'state', 'burned')
-  return 'burned'
+  redis.call('HSET', KEYS[1], 'state', '{burned}')
+  return '{burned}'
 end
-return 'wrong'
-"""
-
-_RESULTS = {
-    "unknown": VerifyResult.UNKNOWN,
-    "used": VerifyResult.USED,
-    "burned": VerifyResult.BURNED,
-    "expired": VerifyResult.EXPIRED,
-    "ok": VerifyResult.OK,
-    "wrong": VerifyResult.WRONG,
-}
+return '{wrong}'
+""".format(**LUA_NAMES)
 RETRIES = 5  # the record was replaced between reading and checking it
 
 
@@ -116,11 +111,11 @@ class RedisOtpStore(OtpStore):
                                    bytes.fromhex(_text(digest_hex)), float(_text(expires)),
                                    keep_until=math.inf)
                 matched = matches(record)
-                outcome = _text(await self._verify(
+                result = _text(await self._verify(
                     keys=[key], args=[_text(salt_hex), repr(now), 1 if matched else 0,
                                       max_attempts]))
-                if outcome != "changed":
-                    return _RESULTS[outcome]
+                if result != RETRY:
+                    return outcome(result)
         except (RedisError, OSError, ValueError) as exc:
             raise self._error(exc) from exc
         return VerifyResult.UNKNOWN

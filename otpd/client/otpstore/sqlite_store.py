@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from otpd.client.errors import OtpStoreError
-from otpd.client.otpstore.base import Matcher, OtpStore, StoredOtp, VerifyResult
+from otpd.client.otpstore.base import Matcher, OtpStore, StoredOtp
+from otpd.otp_attempts import OtpState, VerifyResult, verify_step
 
 T = TypeVar("T")
 
 PURGE_EVERY = 60.0
 BUSY_TIMEOUT_MS = 10_000
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS otp (
     reference TEXT PRIMARY KEY,
     salt BLOB NOT NULL,
@@ -33,7 +34,7 @@ CREATE TABLE IF NOT EXISTS otp (
     expires_at REAL NOT NULL,
     keep_until REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL DEFAULT 'active'
+    state TEXT NOT NULL DEFAULT '{OtpState.ACTIVE.value}'
 );
 CREATE INDEX IF NOT EXISTS otp_keep_until ON otp (keep_until);
 """
@@ -116,20 +117,15 @@ class SqliteOtpStore(OtpStore):
             if row is None:
                 return VerifyResult.UNKNOWN
             salt, digest, expires_at, keep_until, attempts, state = row
-            if state == "used":
-                return VerifyResult.USED
-            if state == "burned":
-                return VerifyResult.BURNED
-            if now >= expires_at:
-                return VerifyResult.EXPIRED
-            if matches(StoredOtp(reference, salt, digest, expires_at, keep_until)):
-                c.execute("UPDATE otp SET state = 'used' WHERE reference = ?", (reference,))
-                return VerifyResult.OK
-            attempts += 1
-            burned = attempts >= max_attempts
+            step = verify_step(
+                state, attempts, expires_at, now,
+                lambda: matches(StoredOtp(reference, salt, digest, expires_at, keep_until)),
+                max_attempts)
+            if isinstance(step, VerifyResult):
+                return step
             c.execute("UPDATE otp SET attempts = ?, state = ? WHERE reference = ?",
-                      (attempts, "burned" if burned else "active", reference))
-            return VerifyResult.BURNED if burned else VerifyResult.WRONG
+                      (step.attempts, step.state.value, reference))
+            return step.result
 
         return await self._run(run)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from otpd.client.config import ClientConfig
+from otpd.client.config import ClientSettings
 from otpd.client.transports.base import Inbox, Transport
 
 
-def build_transport(config: ClientConfig) -> Transport:
+def build_transport(config: ClientSettings) -> Transport:
     """The transport of ``config.method``."""
     timeout = config.connect_timeout
     match config.method:

@@ -29,10 +29,10 @@ from aio_pika.abc import (
     DeliveryMode,
 )
 
-from otpd.client.config import AmqpConfig
+from otpd.client.config import AmqpSettings
 from otpd.client.errors import TransportError
 from otpd.client.transports.base import Inbox, Transport, cleanup
-from otpd.transports.consumer import safe_url, tls_context
+from otpd.netutil import safe_url, tls_context
 
 
 class _AmqpInbox(Inbox):
@@ -52,7 +52,7 @@ class AmqpTransport(Transport):
         aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException,
     )
 
-    def __init__(self, config: AmqpConfig, connect_timeout: float) -> None:
+    def __init__(self, config: AmqpSettings, connect_timeout: float) -> None:
         super().__init__(connect_timeout)
         self.config = config
         self._connection: AbstractConnection | None = None

@@ -25,10 +25,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from otpd.client.config import MqttConfig
+from otpd.client.config import MqttSettings
 from otpd.client.errors import TransportError
 from otpd.client.transports.base import Inbox, Transport
-from otpd.transports.consumer import tls_context
+from otpd.netutil import tls_context
 
 
 class _MqttInbox(Inbox):
@@ -85,7 +85,7 @@ class _Session:
 class MqttTransport(Transport):
     method = "mqtt"
 
-    def __init__(self, config: MqttConfig, connect_timeout: float) -> None:
+    def __init__(self, config: MqttSettings, connect_timeout: float) -> None:
         super().__init__(connect_timeout)
         self.config = config
         self._session: _Session | None = None

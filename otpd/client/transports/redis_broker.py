@@ -22,11 +22,11 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from otpd.client.config import RedisConfig
+from otpd.client.config import RedisSettings
 from otpd.client.errors import TransportError
 from otpd.client.transports.base import Inbox, Transport, cleanup
-from otpd.transports.consumer import safe_url
-from otpd.transports.redis import FIELD, entry_body
+from otpd.netutil import safe_url
+from otpd.wire.brokers import STREAM_FIELD, entry_body
 
 POLL = 1.0  # s per pub/sub read
 BLOCK_MS = 5000  # ms per blocking XREAD
@@ -68,7 +68,7 @@ class RedisTransport(Transport):
     method = "redis"
     errors: ClassVar[tuple[type[BaseException], ...]] = (RedisError,)
 
-    def __init__(self, config: RedisConfig, connect_timeout: float) -> None:
+    def __init__(self, config: RedisSettings, connect_timeout: float) -> None:
         super().__init__(connect_timeout)
         self.config = config
         self._client: Redis | None = None
@@ -120,7 +120,7 @@ class RedisTransport(Transport):
         client = self._get_client()
         topic = self.config.topic
         if self.config.mode == "stream":
-            await client.xadd(topic, {FIELD: body}, maxlen=self.config.stream_maxlen,
+            await client.xadd(topic, {STREAM_FIELD: body}, maxlen=self.config.stream_maxlen,
                               approximate=True)
             return
         receivers = await client.publish(topic, body)

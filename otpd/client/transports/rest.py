@@ -18,10 +18,10 @@ from typing import ClassVar
 
 import aiohttp
 
-from otpd.client.config import RestConfig
+from otpd.client.config import RestSettings
 from otpd.client.errors import ReplyTimeout, TransportError
 from otpd.client.transports.base import Inbox, Transport, cleanup
-from otpd.transports.consumer import safe_url, tls_context
+from otpd.netutil import safe_url, tls_context
 
 MAX_ANSWER = 1 << 20
 
@@ -32,7 +32,7 @@ class RestTransport(Transport):
     always_answers = True
     errors: ClassVar[tuple[type[BaseException], ...]] = (aiohttp.ClientError,)
 
-    def __init__(self, config: RestConfig, connect_timeout: float) -> None:
+    def __init__(self, config: RestSettings, connect_timeout: float) -> None:
         super().__init__(connect_timeout)
         self.config = config
         self._session: aiohttp.ClientSession | None = None

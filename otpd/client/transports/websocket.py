@@ -23,10 +23,10 @@ from typing import Any, ClassVar
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from otpd.client.config import WsConfig
+from otpd.client.config import WsSettings
 from otpd.client.transports.base import Inbox, Transport, cleanup
-from otpd.transports.consumer import safe_url, tls_context
-from otpd.transports.ws import topic_url
+from otpd.netutil import safe_url, tls_context
+from otpd.wire.brokers import topic_url
 
 # websockets' DEBUG output quotes frames (commands with OTPs): keep it quiet.
 _wire_log = logging.getLogger("otpd.client.websockets")
@@ -51,7 +51,7 @@ class WsTransport(Transport):
         ConnectionClosed, InvalidHandshake, InvalidURI,
     )
 
-    def __init__(self, config: WsConfig, connect_timeout: float) -> None:
+    def __init__(self, config: WsSettings, connect_timeout: float) -> None:
         super().__init__(connect_timeout)
         self.config = config
         self._publisher: ClientConnection | None = None
