@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # The verify outcome is an OTP rule; the store protocol returns it, so it is re-exported.
-from otpd.otp_attempts import VERIFY_RESPONSES as VERIFY_RESPONSES  # until service.py moves
 from otpd.otp_attempts import VerifyResult as VerifyResult
 
 
