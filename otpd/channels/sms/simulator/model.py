@@ -1,36 +1,32 @@
-"""A GSM modem on a pseudo-terminal, for the demo and for tests.
+"""The simulated modem as a pure device model: bytes in, bytes out.
 
-It speaks the AT subset otpd uses (and a little more), decodes what it is
-asked to send, and can misbehave on request: error replies, hangs, a port
-that vanishes and comes back, quirks of real modem families (profiles).
+It speaks the AT subset otpd uses (and a little more), keeps an SMS storage,
+decodes what it is asked to send, and can misbehave on request: error
+replies, hangs, quirks of real modem families (profiles). No I/O and no
+clock of its own: ``pty.py`` feeds it the host's bytes (``receive``), writes
+what ``data_to_send()`` returns, sleeps while ``pause`` says the device is
+busy and then calls ``resume()``; clocks are passed in.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
-import json
-import logging
-import os
 import random
 import re
-import time
-import tty
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from functools import partial
 
 from otpd.channels.sms import pdu
 from otpd.channels.sms.at import CME_MEANINGS, CMS_MEANINGS
 from otpd.channels.sms.profiles import PROFILES, Profile
 
-log = logging.getLogger(__name__)
-
 _REC_UNREAD, _REC_READ, _STO_UNSENT, _STO_SENT, _ALL = 0, 1, 2, 3, 4
 _TEXT_STAT = {"REC UNREAD": 0, "REC READ": 1, "STO UNSENT": 2, "STO SENT": 3, "ALL": 4}
 _STAT_TEXT = {v: k for k, v in _TEXT_STAT.items()}
+STO_SENT = _STO_SENT  # the stat of a stored copy of a sent message
 # Commands that need the SIM's SMS service: they fail while the SIM is "busy".
 _SIM_COMMANDS = {"+CMGF", "+CPMS", "+CMGS", "+CMGW", "+CMSS", "+CMGL", "+CMGR", "+CMGD", "+CSCA"}
 _FAULTS = ("hang", "error", "not_ready")
@@ -49,14 +45,6 @@ class SentMessage:
 class Stored:
     stat: int
     pdu: str  # with SMSC field
-
-
-@dataclass
-class _Input:
-    """Bytes from the host, consumed by the command processor."""
-
-    buf: bytearray = field(default_factory=bytearray)
-    event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _split_args(text: str) -> list[str]:
@@ -78,24 +66,28 @@ def _unquote(arg: str) -> str:
     return arg[1:-1] if len(arg) >= 2 and arg[0] == arg[-1] == '"' else arg
 
 
-class ModemSimulator:
-    """A modem behind the pty slave that ``link`` points to.
+class DeviceModel:
+    """One simulated modem, without the port.
 
     Tests inspect ``sent`` (complete decoded messages), ``storage`` (SIM
     slots), ``commands`` (every command line received) and ``pin_attempts``.
+    ``clock`` is monotonic (SIM busy windows), ``wall_clock`` epoch seconds
+    (times of sent and received messages); ``sent_sink`` sees each sent message
+    before ``on_sent`` does (the adapter's log file).
     """
 
     def __init__(
         self,
-        link: Path,
         *,
-        sent_log: Path | None = None,
+        name: str,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+        sent_sink: Callable[[SentMessage], None] | None = None,
         delay: float = 0.0,
         fail_rate: float = 0.0,
         profile: str = "generic",
         pin: str = "",
         seed: int | None = None,
-        name: str | None = None,
         store_sent: bool = False,
         urc_during_submit: bool = False,
         urc_interval: float | None = None,
@@ -109,13 +101,14 @@ class ModemSimulator:
             raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError("fail_rate must be 0..1")
-        self.link = Path(link)
-        self.sent_log = sent_log
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.sent_sink = sent_sink
         self.delay = delay
         self.fail_rate = fail_rate
         self.profile: Profile = PROFILES[profile]
         self.pin = pin
-        self.name = name or self.link.name
+        self.name = name
         # Each simulated SIM its own IMSI (per-SIM quotas tell SIMs apart by it).
         suffix = int(hashlib.sha256(self.name.encode()).hexdigest(), 16) % 10**6
         self.imsi = f"{self.profile.imsi[:-6]}{suffix:06d}"
@@ -148,13 +141,14 @@ class ModemSimulator:
         self._puk = False
         self._mr = 0
         self._parts: dict[tuple[str, int, int], dict[int, str]] = {}
-        self._master = -1
-        self._slave = -1
-        self._input = _Input()
-        self._out_pending = bytearray()
-        self._tasks: list[asyncio.Task[None]] = []
         self._busy_until = 0.0
-        self._running = False
+        self._in = bytearray()  # host bytes not processed yet
+        self._out = bytearray()  # device bytes for data_to_send()
+        # Set while a command waits for the typed PDU/text after its prompt.
+        self._typing: Callable[[str | None], None] | None = None
+        # Seconds the device is busy (a send in progress, a USSD request), then _resume.
+        self.pause: float | None = None
+        self._resume: Callable[[], None] | None = None
         self._set_defaults()
 
     def _set_defaults(self) -> None:
@@ -167,54 +161,23 @@ class ModemSimulator:
 
     # --- lifecycle ----------------------------------------------------------------
 
-    async def start(self) -> None:
-        self._running = True
-        self._open_pty()
-        self._busy_until = time.monotonic() + self.not_ready
+    def power_on(self) -> None:
+        """Switched on: SIM commands answer "busy" for ``not_ready`` s."""
+        self._busy_until = self.clock() + self.not_ready
 
-    async def stop(self) -> None:
-        self._running = False
-        self._close_pty()
+    def reboot(self) -> None:
+        """Back after a USB re-enumeration: defaults again, the SIM locked again."""
+        self._set_defaults()
+        self._locked = bool(self.pin) and not self._puk
+        self.power_on()
 
-    async def __aenter__(self) -> ModemSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def _open_pty(self) -> None:
-        master, slave = os.openpty()
-        tty.setraw(slave)  # no line discipline: bytes pass untouched (^Z, ESC, CR)
-        os.set_blocking(master, False)
-        self._master, self._slave = master, slave
-        self._input = _Input()
-        self._out_pending.clear()
-        tmp = self.link.with_name(self.link.name + ".tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        tmp.symlink_to(os.ttyname(slave))
-        tmp.replace(self.link)  # atomic: a reader never sees a half-made link
-        loop = asyncio.get_running_loop()
-        loop.add_reader(master, self._on_readable)
-        self._tasks = [loop.create_task(self._process())]
-        if self.profile.periodic_urcs and self.urc_interval > 0:
-            self._tasks.append(loop.create_task(self._periodic()))
-
-    def _close_pty(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        self._tasks = []
-        if self._master >= 0:
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self._master)
-            loop.remove_writer(self._master)
-            os.close(self._master)
-            os.close(self._slave)
-            self._master = self._slave = -1
-        with contextlib.suppress(FileNotFoundError):
-            if self.link.is_symlink():
-                self.link.unlink()
+    def disconnect(self) -> None:
+        """The port went away: unread input, a half-typed PDU and a pending send are lost."""
+        self._in.clear()
+        self._out.clear()
+        self._typing = None
+        self.pause = None
+        self._resume = None
 
     # --- fault injection ----------------------------------------------------------
 
@@ -238,25 +201,10 @@ class ModemSimulator:
     def clear_fault(self) -> None:
         self.set_fault(None)
 
-    def vanish(self) -> None:
-        """Like a USB unplug: the device node disappears and open handles die."""
-        self._close_pty()
-
-    def reappear(self) -> None:
-        if self._master < 0 and self._running:
-            self._set_defaults()
-            self._locked = bool(self.pin) and not self._puk
-            self._open_pty()
-            self._busy_until = time.monotonic() + self.not_ready
-
-    @property
-    def present(self) -> bool:
-        return self._master >= 0
-
     def inject_incoming(self, sender: str, text: str) -> int:
         """An SMS arrives: stored as REC UNREAD and announced with +CMTI."""
         index = self._free_index()
-        deliver = pdu.encode_deliver(sender, text, datetime.now(UTC))
+        deliver = pdu.encode_deliver(sender, text, datetime.fromtimestamp(self.wall_clock(), UTC))
         self.storage[index] = Stored(_REC_UNREAD, deliver)
         self.emit_urc(f'+CMTI: "SM",{index}')
         return index
@@ -270,58 +218,50 @@ class ModemSimulator:
     def emit_urc(self, line: str) -> None:
         self._write(f"\r\n{line}\r\n".encode())
 
-    # --- byte I/O -------------------------------------------------------------------
+    # --- bytes ------------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        try:
-            data = os.read(self._master, 4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
-            self._input.buf += data
-            self._input.event.set()
+    def receive(self, data: bytes) -> None:
+        """Bytes from the host; processed at once unless the device is busy (``pause``)."""
+        self._in += data
+        self._run()
+
+    def data_to_send(self) -> bytes:
+        """What the device has written since the last call (and forgets it)."""
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    def resume(self) -> None:
+        """The ``pause`` is over: finish what was waiting, then go on with the input."""
+        resume, self._resume, self.pause = self._resume, None, None
+        if resume is not None:
+            self._guard(resume)
+        self._run()
 
     def _write(self, data: bytes) -> None:
-        if self._master < 0 or self.fault == "hang":
+        if self.fault == "hang":
             return
-        if self._out_pending:
-            self._out_pending += data
-            return
-        try:
-            written = os.write(self._master, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            return
-        if written < len(data):
-            self._out_pending += data[written:]
-            asyncio.get_running_loop().add_writer(self._master, self._flush)
+        self._out += data
 
-    def _flush(self) -> None:
-        try:
-            written = os.write(self._master, self._out_pending)
-        except BlockingIOError:
-            return
-        except OSError:
-            written = len(self._out_pending)
-        del self._out_pending[:written]
-        if not self._out_pending:
-            asyncio.get_running_loop().remove_writer(self._master)
+    def _take(self, stops: bytes) -> tuple[bytes, int] | None:
+        """Bytes up to the first byte in ``stops`` (consumed), and that byte; None: not yet."""
+        positions = [p for p in (self._in.find(bytes([s])) for s in stops) if p >= 0]
+        if not positions:
+            return None
+        cut = min(positions)
+        data, stop = bytes(self._in[:cut]), self._in[cut]
+        del self._in[: cut + 1]
+        return data, stop
 
-    async def _read_until(self, stops: bytes) -> tuple[bytes, int]:
-        """Bytes up to the first byte in ``stops`` (consumed), and that byte."""
-        inp = self._input
-        while True:
-            positions = [p for p in (inp.buf.find(bytes([s])) for s in stops) if p >= 0]
-            if positions:
-                cut = min(positions)
-                data, stop = bytes(inp.buf[:cut]), inp.buf[cut]
-                del inp.buf[: cut + 1]
-                return data, stop
-            inp.event.clear()
-            await inp.event.wait()
+    def _pause(self, seconds: float, then: Callable[[], None]) -> None:
+        """Busy for ``seconds``: input waits, ``then`` runs on resume()."""
+        self.pause, self._resume = seconds, then
+
+    def _guard(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except (ValueError, IndexError, KeyError):
+            self._reply(final="ERROR")  # a malformed argument
 
     # --- replies ---------------------------------------------------------------------
 
@@ -350,28 +290,38 @@ class ModemSimulator:
 
     # --- command processing --------------------------------------------------------------
 
-    async def _process(self) -> None:
-        while True:
-            raw, _ = await self._read_until(b"\r")
-            # LF after CR, stray ^Z/ESC and NULs from a confused host are line noise.
-            text = raw.translate(None, b"\n\x1a\x1b\x00").decode("latin-1").strip()
-            if not text:
+    def _run(self) -> None:
+        while self.pause is None:
+            if self._typing is not None:
+                typed = self._take(b"\x1a\x1b")
+                if typed is None:
+                    return
+                done, self._typing = self._typing, None
+                data, stop = typed
+                self._guard(partial(self._finish_typing, done, data, stop))
                 continue
-            self.commands.append(text)
-            if self.on_command is not None:
-                self.on_command(text)
-            if self.fault == "hang":
-                continue
-            if self.echo:
-                self._write(text.encode("latin-1") + b"\r")
-            if text[:2].upper() != "AT":
-                continue
-            try:
-                await self._command(text[2:])
-            except (ValueError, IndexError, KeyError):
-                self._reply(final="ERROR")
+            line = self._take(b"\r")
+            if line is None:
+                return
+            self._line(line[0])
 
-    async def _command(self, body: str) -> None:
+    def _line(self, raw: bytes) -> None:
+        # LF after CR, stray ^Z/ESC and NULs from a confused host are line noise.
+        text = raw.translate(None, b"\n\x1a\x1b\x00").decode("latin-1").strip()
+        if not text:
+            return
+        self.commands.append(text)
+        if self.on_command is not None:
+            self.on_command(text)
+        if self.fault == "hang":
+            return
+        if self.echo:
+            self._write(text.encode("latin-1") + b"\r")
+        if text[:2].upper() != "AT":
+            return
+        self._guard(lambda: self._command(text[2:]))
+
+    def _command(self, body: str) -> None:
         upper = body.upper()
         m = re.match(r"([+^][A-Z]+)(=\?|\?|=)?(.*)", upper)
         if not m:
@@ -385,7 +335,7 @@ class ModemSimulator:
             self._cme(12 if self._puk else 11)
             return
         if name in _SIM_COMMANDS and (
-            self.fault == "not_ready" or time.monotonic() < self._busy_until
+            self.fault == "not_ready" or self.clock() < self._busy_until
         ):
             self._cme(14)
             return
@@ -393,7 +343,7 @@ class ModemSimulator:
         if handler is None:
             self._reply(final=self.profile.unsupported)
             return
-        await handler(op, args)
+        handler(op, args)
 
     def _basic(self, body: str) -> None:
         if self._locked and self.profile.pin_first and body != "":
@@ -415,7 +365,7 @@ class ModemSimulator:
 
     # Each handler gets the operator ("", "?", "=", "=?") and the raw argument text.
 
-    async def _cmd_cmee(self, op: str, args: str) -> None:
+    def _cmd_cmee(self, op: str, args: str) -> None:
         if op == "=" and args.strip() in ("0", "1", "2"):
             self.cmee = int(args)
             self._reply()
@@ -426,7 +376,7 @@ class ModemSimulator:
         else:
             self._reply(final="ERROR")
 
-    async def _cmd_cpin(self, op: str, args: str) -> None:
+    def _cmd_cpin(self, op: str, args: str) -> None:
         if op == "?":
             state = "SIM PUK" if self._puk else "SIM PIN" if self._locked else "READY"
             if self.profile.cpin_ok:
@@ -445,14 +395,14 @@ class ModemSimulator:
             self._cme(12)
         elif given == self.pin:
             self._locked = False
-            self._busy_until = time.monotonic() + self.not_ready
+            self._busy_until = self.clock() + self.not_ready
             self._reply()
         else:
             if self.pin_attempts >= 3:
                 self._puk = True
             self._cme(16)
 
-    async def _cmd_cmgf(self, op: str, args: str) -> None:
+    def _cmd_cmgf(self, op: str, args: str) -> None:
         if op == "=" and args.strip() in ("0", "1"):
             self.cmgf = int(args)
             self._reply()
@@ -461,7 +411,7 @@ class ModemSimulator:
         else:
             self._reply(["+CMGF: (0,1)"] if op == "=?" else [], "OK" if op == "=?" else "ERROR")
 
-    async def _cmd_cscs(self, op: str, args: str) -> None:
+    def _cmd_cscs(self, op: str, args: str) -> None:
         if op == "=" and _unquote(args.strip()) in ("GSM", "IRA", "UCS2"):
             self.cscs = _unquote(args.strip())
             self._reply()
@@ -472,16 +422,16 @@ class ModemSimulator:
         else:
             self._reply(final="ERROR")
 
-    async def _cmd_csmp(self, op: str, args: str) -> None:
+    def _cmd_csmp(self, op: str, args: str) -> None:
         self._reply(["+CSMP: 17,167,0,0"] if op == "?" else [])
 
-    async def _cmd_cnmi(self, op: str, args: str) -> None:
+    def _cmd_cnmi(self, op: str, args: str) -> None:
         if op == "=" and args.replace(" ", "") in self.profile.reject_cnmi:
             self._reply(final="ERROR")
         else:
             self._reply(["+CNMI: 2,1,0,0,0"] if op == "?" else [])
 
-    async def _cmd_cfun(self, op: str, args: str) -> None:
+    def _cmd_cfun(self, op: str, args: str) -> None:
         if op == "?":
             self._reply(["+CFUN: 1"])
             return
@@ -490,17 +440,17 @@ class ModemSimulator:
             self._set_defaults()
         self._reply()
 
-    async def _cmd_curc(self, op: str, args: str) -> None:
+    def _cmd_curc(self, op: str, args: str) -> None:
         if self.profile.name != "huawei":
             self._reply(final=self.profile.unsupported)
             return
         self.curc = args.strip() != "0"
         self._reply()
 
-    async def _cmd_csq(self, op: str, args: str) -> None:
+    def _cmd_csq(self, op: str, args: str) -> None:
         self._reply([f"+CSQ: {self.csq},99"] if op != "=?" else ["+CSQ: (0-31,99),(0-7,99)"])
 
-    async def _cmd_creg(self, op: str, args: str) -> None:
+    def _cmd_creg(self, op: str, args: str) -> None:
         if op == "=":
             self.creg_mode = int(args or "0")
             self._reply()
@@ -509,29 +459,29 @@ class ModemSimulator:
         else:
             self._reply([f"+CREG: {self.creg_mode},1"])
 
-    async def _cmd_cops(self, op: str, args: str) -> None:
+    def _cmd_cops(self, op: str, args: str) -> None:
         self._reply([f'+COPS: 0,0,"{self.profile.operator}",2'] if op == "?" else [])
 
-    async def _cmd_cgmi(self, op: str, args: str) -> None:
+    def _cmd_cgmi(self, op: str, args: str) -> None:
         self._reply([self.profile.manufacturer])
 
-    async def _cmd_cgmm(self, op: str, args: str) -> None:
+    def _cmd_cgmm(self, op: str, args: str) -> None:
         self._reply([self.profile.model])
 
-    async def _cmd_cgmr(self, op: str, args: str) -> None:
+    def _cmd_cgmr(self, op: str, args: str) -> None:
         if self.profile.revision:
             self._reply([self.profile.revision])
         else:
             self._reply(final="ERROR")
 
-    async def _cmd_cgsn(self, op: str, args: str) -> None:
+    def _cmd_cgsn(self, op: str, args: str) -> None:
         imei = self.profile.imei
         self._reply([f'+CGSN: "{imei}"' if self.profile.cgsn_prefixed else imei])
 
-    async def _cmd_cimi(self, op: str, args: str) -> None:
+    def _cmd_cimi(self, op: str, args: str) -> None:
         self._reply([self.imsi])
 
-    async def _cmd_csca(self, op: str, args: str) -> None:
+    def _cmd_csca(self, op: str, args: str) -> None:
         if op == "?":
             toa = 145 if self.smsc.startswith("+") else 129
             self._reply([f'+CSCA: "{self.smsc}",{toa}'])
@@ -542,12 +492,13 @@ class ModemSimulator:
         else:
             self._reply(final="ERROR")
 
-    async def _cmd_cusd(self, op: str, args: str) -> None:
+    def _cmd_cusd(self, op: str, args: str) -> None:
         parts = _split_args(args)
         self._reply()
         if op == "=" and parts[0] == "1" and len(parts) > 1:
-            await asyncio.sleep(0.01)
-            self.emit_urc('+CUSD: 0,"Balance: 10000. Valid until 31-12-2030.",15')
+            # The network answers a moment after the OK.
+            self._pause(0.01, lambda: self.emit_urc(
+                '+CUSD: 0,"Balance: 10000. Valid until 31-12-2030.",15'))
 
     # --- storage ------------------------------------------------------------------------
 
@@ -558,7 +509,7 @@ class ModemSimulator:
                 return i
         raise ValueError("storage full")
 
-    async def _cmd_cpms(self, op: str, args: str) -> None:
+    def _cmd_cpms(self, op: str, args: str) -> None:
         used, cap = len(self.storage), self.capacity
         if op == "=?":
             group = "(" + ",".join(f'"{s}"' for s in self.profile.storages) + ")"
@@ -583,7 +534,7 @@ class ModemSimulator:
             return _TEXT_STAT[_unquote(arg).upper()]
         return int(arg) if arg else _REC_UNREAD
 
-    async def _cmd_cmgl(self, op: str, args: str) -> None:
+    def _cmd_cmgl(self, op: str, args: str) -> None:
         if op == "=?":
             self._reply(["+CMGL: (0-4)"])
             return
@@ -608,7 +559,7 @@ class ModemSimulator:
         head = f"{index}," if prefix == "+CMGL" else ""
         return [f'{prefix}: {head}"{_STAT_TEXT[item.stat]}","{who}"', msg.text]
 
-    async def _cmd_cmgr(self, op: str, args: str) -> None:
+    def _cmd_cmgr(self, op: str, args: str) -> None:
         item = self.storage.get(int(args))
         if item is None:
             self._cms(321)
@@ -618,7 +569,7 @@ class ModemSimulator:
             item.stat = _REC_READ
         self._reply(lines)
 
-    async def _cmd_cmgd(self, op: str, args: str) -> None:
+    def _cmd_cmgd(self, op: str, args: str) -> None:
         if op == "=?":
             self._reply([f"+CMGD: ({','.join(map(str, sorted(self.storage)))}),(0-4)"])
             return
@@ -641,11 +592,16 @@ class ModemSimulator:
 
     # --- sending -----------------------------------------------------------------------
 
-    async def _prompt_input(self) -> str | None:
-        """Prompt, then the typed PDU/text; None when the host aborted with ESC."""
+    def _prompt_input(self, then: Callable[[str | None], None]) -> None:
+        """Prompt; ``then`` gets the typed PDU/text, or None when the host aborted with ESC."""
         self._urcs(self.profile.submit_urcs)
         self._write(self.profile.prompt)
-        data, stop = await self._read_until(b"\x1a\x1b")
+        self._typing = then
+
+    def _finish_typing(self, done: Callable[[str | None], None], data: bytes, stop: int) -> None:
+        done(self._typed(data, stop))
+
+    def _typed(self, data: bytes, stop: int) -> str | None:
         if self.echo and self.fault != "hang":
             self._write(data + bytes([stop]))
         if stop == 0x1B:
@@ -654,21 +610,23 @@ class ModemSimulator:
             return None
         return data.translate(None, b"\r\n").decode("latin-1").strip()
 
-    async def _cmd_cmgs(self, op: str, args: str) -> None:
+    def _cmd_cmgs(self, op: str, args: str) -> None:
         if op != "=":
             self._reply(final="ERROR")
             return
-        typed = await self._prompt_input()
+        self._prompt_input(lambda typed: self._cmgs_typed(args, typed))
+
+    def _cmgs_typed(self, args: str, typed: str | None) -> None:
         if typed is None:
             return
         if self.cmgf == 1:
             receiver, text = _unquote(_split_args(args)[0]), self._text_input(typed)
-            await self._submit(pdu.encode_submit(receiver, text)[0].hex, "+CMGS")
+            self._submit(pdu.encode_submit(receiver, text)[0].hex, "+CMGS")
             return
         if not self._valid_pdu(typed, int(args.split(",")[0])):
             self._cms(304)
             return
-        await self._submit(typed, "+CMGS")
+        self._submit(typed, "+CMGS")
 
     def _text_input(self, typed: str) -> str:
         if self.cscs == "UCS2":
@@ -683,13 +641,16 @@ class ModemSimulator:
             return False
         return isinstance(msg, pdu.Submit) and len(raw) - 1 - raw[0] == length
 
-    async def _submit(self, hex_pdu: str, prefix: str) -> bool:
+    def _submit(
+        self, hex_pdu: str, prefix: str, done: Callable[[bool], None] | None = None
+    ) -> None:
+        """Send a part; ``done`` learns whether it went (after ``delay`` s, if any)."""
         if not self.smsc_written or not self.smsc:
             self._cms(330)
-            return False
+            return
         if self.store_sent and prefix == "+CMGS" and len(self.storage) >= self.capacity:
             self._cms(322)  # no slot for the copy it keeps: refuses to send
-            return False
+            return
         if self._fault_after is not None:
             if self._fault_after == 0:
                 self.fault, self._pending_fault, self._fault_after = (
@@ -697,7 +658,17 @@ class ModemSimulator:
             else:
                 self._fault_after -= 1
         if self.delay:
-            await asyncio.sleep(self.delay)
+            self._pause(self.delay, lambda: self._transmit(hex_pdu, prefix, done))
+        else:
+            self._transmit(hex_pdu, prefix, done)
+
+    def _transmit(self, hex_pdu: str, prefix: str, done: Callable[[bool], None] | None) -> None:
+        # Faults are looked at after the delay: one set meanwhile hits this part.
+        sent = self._outcome(hex_pdu, prefix)
+        if done is not None:
+            done(sent)
+
+    def _outcome(self, hex_pdu: str, prefix: str) -> bool:
         if self.fault == "hang":
             return False
         if self.fault == "error":
@@ -715,12 +686,14 @@ class ModemSimulator:
         self._reply([f"{prefix}: {self._mr}"])
         return True
 
-    async def _cmd_cmgw(self, op: str, args: str) -> None:
+    def _cmd_cmgw(self, op: str, args: str) -> None:
         if op != "=":
             self._reply(final="ERROR")
             return
         parts = _split_args(args)
-        typed = await self._prompt_input()
+        self._prompt_input(lambda typed: self._cmgw_typed(parts, typed))
+
+    def _cmgw_typed(self, parts: list[str], typed: str | None) -> None:
         if typed is None:
             return
         if self.cmgf == 1:
@@ -739,13 +712,17 @@ class ModemSimulator:
         self.storage[index] = Stored(stat, hex_pdu)
         self._reply([f"+CMGW: {index}"])
 
-    async def _cmd_cmss(self, op: str, args: str) -> None:
+    def _cmd_cmss(self, op: str, args: str) -> None:
         item = self.storage.get(int(_split_args(args)[0]))
         if item is None or item.stat not in (_STO_UNSENT, _STO_SENT):
             self._cms(321)
             return
-        if await self._submit(item.pdu, "+CMSS"):
-            item.stat = _STO_SENT
+
+        def done(sent: bool) -> None:
+            if sent:
+                item.stat = _STO_SENT
+
+        self._submit(item.pdu, "+CMSS", done)
 
     def _record(self, hex_pdu: str) -> None:
         msg = pdu.decode(hex_pdu)
@@ -762,19 +739,17 @@ class ModemSimulator:
             self._deliver(msg.receiver, text, msg.concat.total)
 
     def _deliver(self, receiver: str, text: str, parts: int) -> None:
-        item = SentMessage(time.time(), receiver, text, parts, self.name)
+        item = SentMessage(self.wall_clock(), receiver, text, parts, self.name)
         self.sent.append(item)
-        if self.sent_log is not None:
-            with self.sent_log.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(item.__dict__, ensure_ascii=False) + "\n")
+        if self.sent_sink is not None:
+            self.sent_sink(item)
         if self.on_sent is not None:
             self.on_sent(item)
 
-    async def _periodic(self) -> None:
-        tick = 0
-        while True:
-            await asyncio.sleep(self.urc_interval)
-            if self.curc:
-                urcs = self.profile.periodic_urcs
-                self.emit_urc(urcs[tick % len(urcs)].format(csq=self.csq))
-                tick += 1
+    def periodic_urc(self, tick: int) -> bool:
+        """The ``tick``-th periodic URC of the profile; False while URCs are off (^CURC=0)."""
+        if not self.curc:
+            return False
+        urcs = self.profile.periodic_urcs
+        self.emit_urc(urcs[tick % len(urcs)].format(csq=self.csq))
+        return True
