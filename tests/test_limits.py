@@ -6,8 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from tests.conftest import SmtpServer, start_daemon, write_config
+from otpd.app.daemon import StoreSimQuota
+from otpd.channels.sms.quota import QuotaError
+from otpd.store import StoreError
+from tests.support.daemon import start_daemon, write_config
+from tests.support.mail import SmtpServer
 
 
 def email(i: int) -> str:
@@ -151,3 +156,20 @@ async def test_per_user_and_distinct_receivers(tmp_path: Path, smtp: SmtpServer,
         assert status == 429 and body["response_code"] == "1401"  # 9th command this minute
     finally:
         await run.daemon.stop()
+
+
+class _StoreDown:
+    async def wait(self, sim: str, now: float) -> float:
+        raise StoreError("database is locked")
+
+    async def record(self, sim: str, parts: int, now: float) -> float:
+        raise StoreError("database is locked")
+
+
+async def test_the_pool_sees_a_store_failure_as_its_own_quota_error() -> None:
+    # The modem pool knows nothing of the store: the daemon's adapter translates.
+    quota = StoreSimQuota(_StoreDown())
+    with pytest.raises(QuotaError, match="locked"):
+        await quota.wait("sim", 0.0)
+    with pytest.raises(QuotaError, match="locked"):
+        await quota.record("sim", 1, 0.0)

@@ -20,6 +20,7 @@ from otpd.app.settings import Settings, load_settings
 from otpd.auth.htpasswd import HtpasswdError, HtpasswdFile
 from otpd.channels.email import SmtpChannel
 from otpd.channels.sms.quota import QuotaError
+from otpd.channels.sms.quota import SimQuota as PoolQuota
 from otpd.delivery.channel import Channel, WorkSource
 from otpd.delivery.engine import DeliveryEngine
 from otpd.errors import StartupError
@@ -70,8 +71,8 @@ class Summarised(Protocol):
 class StoreSimQuota:
     """The pool's SimQuota, kept in the store; a store failure is the pool's QuotaError."""
 
-    def __init__(self, quota: SimQuota) -> None:
-        self._quota = quota
+    def __init__(self, quota: PoolQuota) -> None:
+        self._quota = quota  # otpd.limits.SimQuota: raises StoreError
 
     async def wait(self, sim: str, now: float) -> float:
         try:
