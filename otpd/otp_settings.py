@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from otpd.otp_attempts import DEFAULT_MAX_ATTEMPTS
 from otpd.settings_reader import Section
 
 
@@ -32,7 +33,7 @@ def parse_otp_settings(s: Section) -> OtpSettings:
         length=s.int("length", 6, min=4, max=10),
         default_lifetime=default_lifetime,
         max_lifetime=max_lifetime,
-        max_attempts=s.int("max_attempts", 5, min=1, max=100),
+        max_attempts=s.int("max_attempts", DEFAULT_MAX_ATTEMPTS, min=1, max=100),
         key_file=Path(s.str("key_file", "/var/lib/otpd/otp.key")),
         country_code=country,
         email_subject=s.str("email_subject", "Your OTP code"),

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from otpd import otp as otpmod
 from otpd.aio import within
 from otpd.delivery.channel import Channel, Job
 from otpd.delivery.engine import DeliveryEngine, Result
@@ -24,6 +23,7 @@ from otpd.delivery.settings import DeliverySettings
 from otpd.limits import Limiter
 from otpd.metrics import Metrics
 from otpd.msisdn import InvalidReceiver, canonical_receiver, is_email, mask
+from otpd.otp import generate_code, new_salt, otp_digest, otp_matches
 from otpd.otp_attempts import VERIFY_RESPONSES
 from otpd.otp_settings import OtpSettings
 from otpd.sealing import Sealer
@@ -267,9 +267,9 @@ class Service:
             return prepared
         receiver, channel, expires_at = prepared
         now = self.clock()
-        code = otpmod.generate_code(self.otp.length)
-        salt = otpmod.new_salt()
-        digest = otpmod.otp_digest(self.key, salt, cmd.reference, code, receiver, cmd.params)
+        code = generate_code(self.otp.length)
+        salt = new_salt()
+        digest = otp_digest(self.key, salt, cmd.reference, code, receiver, cmd.params)
         subject = cmd.subject or self.otp.email_subject
         text = render_template(cmd.message, code)
         del code  # from here on only the sealed outbox text holds it
@@ -354,7 +354,7 @@ class Service:
             return _limited(name, cmd, retry_after, "too many wrong codes for this receiver")
 
         def matches(record: OtpRecord) -> bool:
-            return otpmod.otp_matches(self.key, record.salt, record.digest, cmd.reference,
+            return otp_matches(self.key, record.salt, record.digest, cmd.reference,
                                       cmd.otp, receiver, cmd.params)
 
         outcome = await self.store.verify_otp(cmd.reference, now, matches,

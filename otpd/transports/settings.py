@@ -36,8 +36,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from otpd.settings_reader import Section
+from otpd.wire.brokers import DEFAULT_TOPIC
 
-DEFAULT_TOPIC = "sms"
 MAX_TOPIC_CHARS = 255
 DEFAULT_PATHS = ("/api/otp", "/api/message", "/api/sms", "/api/email", "/api/block", "/api/unblock")
 

@@ -81,7 +81,9 @@ class _Slot:
         self.failed = 0
         self.consecutive_failures = 0
         self.last_error = ""
-        self.quota_until = 0.0  # wall time when the SIM's daily/monthly cap allows sending again
+        # When (monotonic) the SIM's daily/monthly cap lets it send again: a duration
+        # from the quota, so a wall-clock step does not stretch or cut the rest.
+        self.quota_until = 0.0
 
     @property
     def sim(self) -> str:
@@ -216,10 +218,10 @@ class ModemPool:
             return job.receiver
 
     def _can_send(self, slot: _Slot) -> bool:
-        return slot.state in _USABLE and slot.quota_until <= self.clock()
+        return slot.state in _USABLE and slot.quota_until <= time.monotonic()
 
     def _accept(self, slot: _Slot, job: Job) -> bool:
-        if slot.state is not State.READY or slot.quota_until > self.clock():
+        if slot.state is not State.READY or slot.quota_until > time.monotonic():
             return False
         usable = [s for s in self._slots if self._can_send(s)]
         tried = self._failed_by.get(job.id, set())
@@ -375,7 +377,7 @@ class ModemPool:
     def _quota_reached(self, slot: _Slot, wait: float) -> None:
         if wait <= 0:
             return
-        slot.quota_until = self.clock() + wait
+        slot.quota_until = time.monotonic() + wait
         log.warning("modem %s: the SIM reached its SMS cap (limits.sim_daily_max /"
                     " sim_monthly_max); it sends again in %.0f s, other modems take its work",
                     slot.name, wait)
