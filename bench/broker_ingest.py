@@ -53,7 +53,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,7 +61,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,16 +78,27 @@ from aio_pika.abc import AbstractIncomingMessage, ExchangeType  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
-from websockets.sync.client import connect as ws_connect_sync  # noqa: E402
 
 from otpd.aio import within  # noqa: E402
 from otpd.app.daemon import Daemon  # noqa: E402
 from otpd.app.settings import parse_settings  # noqa: E402
 from otpd.auth.htpasswd import set_user  # noqa: E402
 from otpd.channels.sms.simulator import ModemSimulator, SentMessage  # noqa: E402
+from otpd.client.config import WsConfig  # noqa: E402
+from otpd.client.transports.base import Transport  # noqa: E402
+from otpd.client.transports.websocket import WsTransport  # noqa: E402
 from otpd.service import Service  # noqa: E402
 from otpd.transports.consumer import Consumer, Inbound  # noqa: E402
 from otpd.wire.protocol import parse_request  # noqa: E402
+from tests.support.daemon import core_tables, free_port  # noqa: E402
+from tests.support.publishers import (  # noqa: E402
+    AmqpPublisher,
+    MqttPublisher,
+    RedisPublisher,
+    WsPublisher,
+)
+from tests.support.services import port_open  # noqa: E402
+from tests.support.waiting import wait_until  # noqa: E402
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -98,18 +108,8 @@ PHASE_LIMIT = 60.0  # s, any one phase
 BROKERS = ("amqp", "redis-stream", "redis-pubsub", "mqtt", "ws")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def tcp_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
+    return port_open("127.0.0.1", port, 1)
 
 
 def make_body(command: str, i: int, run: str) -> bytes:
@@ -188,21 +188,13 @@ send_timeout = 5
         # Stored and queued, never sent: the ingest path alone.
         modem_block = f'[[modem]]\nname = "absent"\nport = "{state / "no-such-tty"}"\n'
     limits_table = LIMITS_ON if limits else "enabled = false"
-    return f"""
-[server]
-enabled = false
-[store]
-path = "{state / 'otpd.db'}"
-[otp]
-key_file = "{state / 'otp.key'}"
+    return core_tables(state, None) + f"""
 [delivery]
 wait = 0
 max_lifetime = 3600
 default_lifetime = 3600
 [limits]
 {limits_table}
-[control]
-socket = "{state / 'control.sock'}"
 {modem_block}
 {table}
 """
@@ -219,15 +211,19 @@ async def start_daemon(state: Path, table: str, *, modem: Path | None = None,
     return daemon
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 # -- live publishers (child processes) -------------------------------------------------
+
+
+async def _ws_publish_all(url: str, topic: str, bodies: list[bytes]) -> None:
+    """The client library's WebSocket transport: one connection, a frame each."""
+    transport = WsTransport(WsConfig(url=url, username=WS_USER, password=WS_PASSWORD,
+                                     topic=topic), 10.0)
+    try:
+        for body in bodies:
+            await transport.publish(body, None)
+        await asyncio.sleep(0.5)  # let the broker relay before the close
+    finally:
+        await transport.close()
 
 
 def _publish_main(kind: str, address: str, topic: str, command: str, count: int,
@@ -242,11 +238,7 @@ def _publish_main(kind: str, address: str, topic: str, command: str, count: int,
             pipe.execute()
         client.close()
     elif kind == "ws":
-        with ws_connect_sync(f"{address}?topic={topic}", additional_headers={
-                "Authorization": f"Basic {WS_USER}:{WS_PASSWORD}"}) as ws:
-            for body in bodies:
-                ws.send(body.decode())
-            time.sleep(0.5)  # let the broker relay before the close
+        asyncio.run(_ws_publish_all(address, topic, bodies))
     else:
         raise ValueError(kind)
 
@@ -278,6 +270,7 @@ class Row:
 class Broker(ABC):
     name: str
     live = False  # True: no backlog, a publisher process sends during the phase
+    _publisher: Transport | None = None
 
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -317,16 +310,23 @@ class Broker(ABC):
     async def raw_consume(self, n: int, started: asyncio.Event) -> tuple[float, float, int]:
         """Consume n messages with the library alone: (first, last, count)."""
 
-    # latency
+    # latency: published as an application does, with the client library
+    @abstractmethod
+    def publisher(self, topic: str) -> Transport:
+        """The client library's transport publishing to ``topic``."""
+
     async def open_publisher(self, topic: str) -> None:
-        return None
+        self._publisher = self.publisher(topic)
 
     async def close_publisher(self) -> None:
-        return None
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            await publisher.close()
 
-    @abstractmethod
-    async def publish(self, topic: str, body: bytes) -> None:
-        """Publish one message, as an application would."""
+    async def publish(self, body: bytes) -> None:
+        """Publish one message (confirmed by the broker where it does that)."""
+        assert self._publisher is not None
+        await self._publisher.publish(body, None)
 
 
 class Amqp(Broker):
@@ -396,12 +396,14 @@ class Amqp(Broker):
             await channel.close()
         return first, last, count
 
-    async def open_publisher(self, topic: str) -> None:
-        queue = await self.channel.declare_queue(topic, durable=True)
-        self.queues.append(queue.name)
+    def publisher(self, topic: str) -> Transport:
+        return AmqpPublisher(RABBIT_URL, topic)
 
-    async def publish(self, topic: str, body: bytes) -> None:
-        await self.channel.default_exchange.publish(aio_pika.Message(body), routing_key=topic)
+    async def open_publisher(self, topic: str) -> None:
+        # Declared as otpd does: the client's mandatory publishes are routable.
+        await self.channel.declare_queue(topic, durable=True)
+        self.queues.append(topic)
+        await super().open_publisher(topic)
 
 
 class RedisStream(Broker):
@@ -450,11 +452,9 @@ class RedisStream(Broker):
                 last = time.perf_counter()
         return first, last, count
 
-    async def open_publisher(self, topic: str) -> None:
+    def publisher(self, topic: str) -> Transport:
         self.keys.append(topic)
-
-    async def publish(self, topic: str, body: bytes) -> None:
-        await self.client.xadd(topic, {"message": body})
+        return RedisPublisher(REDIS_URL, topic, "stream")
 
 
 class RedisPubsub(Broker):
@@ -496,8 +496,8 @@ class RedisPubsub(Broker):
             await pubsub.aclose()  # type: ignore[no-untyped-call]
         return first, last, count
 
-    async def publish(self, topic: str, body: bytes) -> None:
-        await self.client.publish(topic, body)
+    def publisher(self, topic: str) -> Transport:
+        return RedisPublisher(REDIS_URL, topic, "pubsub")
 
 
 class Mqtt(Broker):
@@ -517,8 +517,7 @@ class Mqtt(Broker):
                         "allow_anonymous true\nmax_queued_messages 0\n")
         self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        await wait_for(lambda: tcp_open(self.port), 10, "mosquitto")
-        self.publisher: mqtt.Client | None = None
+        await wait_until(lambda: tcp_open(self.port), 10, "mosquitto")
 
     async def teardown(self) -> None:
         await self.close_publisher()
@@ -592,23 +591,8 @@ class Mqtt(Broker):
             client.loop_stop()
         return state["first"], state["last"], int(state["count"])
 
-    async def open_publisher(self, topic: str) -> None:
-        self.publisher = self._client()
-        connected = threading.Event()
-        self.publisher.on_connect = lambda *_a: connected.set()
-        self.publisher.connect("127.0.0.1", self.port)
-        self.publisher.loop_start()
-        await asyncio.to_thread(connected.wait, 5)
-
-    async def close_publisher(self) -> None:
-        if self.publisher is not None:
-            self.publisher.disconnect()
-            self.publisher.loop_stop()
-            self.publisher = None
-
-    async def publish(self, topic: str, body: bytes) -> None:
-        assert self.publisher is not None
-        self.publisher.publish(topic, body, qos=1)  # paho's thread sends it
+    def publisher(self, topic: str) -> Transport:
+        return MqttPublisher("127.0.0.1", self.port).transport(topic)
 
 
 class Ws(Broker):
@@ -623,8 +607,7 @@ class Ws(Broker):
             [sys.executable, "-m", "otpd", "broker", "--listen", f"127.0.0.1:{self.port}",
              "--htpasswd", str(users), "--queue", str(64 * 1024 * 1024)],
             cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        await wait_for(lambda: tcp_open(self.port), 15, "otpd broker")
-        self.ws: Any = None
+        await wait_until(lambda: tcp_open(self.port), 15, "otpd broker")
 
     async def teardown(self) -> None:
         await self.close_publisher()
@@ -662,16 +645,8 @@ class Ws(Broker):
                             break
         return first, last, count
 
-    async def open_publisher(self, topic: str) -> None:
-        self.ws = await self._connect(topic)
-
-    async def close_publisher(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
-            self.ws = None
-
-    async def publish(self, topic: str, body: bytes) -> None:
-        await self.ws.send(body.decode())
+    def publisher(self, topic: str) -> Transport:
+        return WsPublisher(self.port, WS_USER, WS_PASSWORD, topic)
 
 
 # -- phases ----------------------------------------------------------------------------
@@ -724,7 +699,7 @@ async def ingest_round(broker: Broker, row: Row, args: argparse.Namespace,
     try:
         (consumer,) = daemon.consumers
         if broker.live:
-            await wait_for(lambda: consumer.connected, 10, f"{broker.name} consumer")
+            await wait_until(lambda: consumer.connected, 10, f"{broker.name} consumer")
             await asyncio.sleep(0.3)  # subscription registered at the broker
             publisher = spawn_publisher(broker.name, broker.live_address(), broker.topic,
                                         args.command, n, run)
@@ -788,10 +763,10 @@ async def latency(broker: Broker, row: Row, args: argparse.Namespace) -> None:
     sent: dict[str, float] = {}
     try:
         (consumer,) = daemon.consumers
-        await wait_for(lambda: consumer.connected, 10, f"{broker.name} consumer")
+        await wait_until(lambda: consumer.connected, 10, f"{broker.name} consumer")
         sms = daemon.engine.queues["sms"].channel if daemon.engine else None
         assert sms is not None
-        await wait_for(lambda: any(m["state"] == "ready" for m in sms.status()["modems"]),
+        await wait_until(lambda: any(m["state"] == "ready" for m in sms.status()["modems"]),
                        15, "modem ready")
         await asyncio.sleep(0.3)  # subscriptions settled
         interval = 1.0 / args.rate
@@ -802,9 +777,9 @@ async def latency(broker: Broker, row: Row, args: argparse.Namespace) -> None:
             body = json.dumps({"command": "send-sms", "data": {
                 "receiver": "081234567890", "id": f"lat-{i}", "message": text}}).encode()
             sent[text] = time.perf_counter()
-            await broker.publish(topic, body)
-        with contextlib.suppress(TimeoutError):
-            await wait_for(lambda: len(modem.received) >= len(sent), 20, "all SMS")
+            await broker.publish(body)
+        with contextlib.suppress(AssertionError):  # counted as lost
+            await wait_until(lambda: len(modem.received) >= len(sent), 20, "all SMS")
     finally:
         await daemon.stop()
         await broker.close_publisher()

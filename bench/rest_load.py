@@ -15,7 +15,6 @@ import asyncio
 import base64
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,15 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from otpd.auth.htpasswd import set_user  # noqa: E402
+from tests.support.daemon import core_tables, free_port  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-password"
+OTP_LINES = "max_attempts = 100\nmax_lifetime = 3600\ndefault_lifetime = 3600"
 TIME_LIMIT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve_echo(port: int) -> None:
@@ -149,25 +144,13 @@ async def main(args: argparse.Namespace) -> None:
         set_user(state / "users", USER, PASSWORD, cost=10)
         port = free_port()
         config = state / "otpd.toml"
-        config.write_text(f"""
-[server]
-listen = "127.0.0.1:{port}"
-users_file = "{state / 'users'}"
-[store]
-path = "{state / 'otpd.db'}"
-[otp]
-key_file = "{state / 'otp.key'}"
-max_attempts = 100
-max_lifetime = 3600
-default_lifetime = 3600
+        config.write_text(core_tables(state, port, OTP_LINES) + f"""
 [delivery]
 wait = 0
 [log]
 level = "warning"
 [limits]
 enabled = false  # one address sending thousands of requests: measures otpd, not the limiter
-[control]
-socket = "{state / 'control.sock'}"
 # A modem whose port never appears: request-otp is measured as "queued", the
 # ingest path alone (real modems take seconds per SMS, so sending costs no CPU).
 [[modem]]

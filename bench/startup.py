@@ -25,12 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from otpd.auth.htpasswd import set_user  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.daemon import core_tables, free_port  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -43,16 +38,7 @@ def rss_mb(pid: int) -> float:
 def config(state: Path, port: int) -> Path:
     set_user(state / "users", "bench", "bench-password", cost=4)
     path = state / "otpd.toml"
-    path.write_text(f"""
-[server]
-listen = "127.0.0.1:{port}"
-users_file = "{state / 'users'}"
-[store]
-path = "{state / 'otpd.db'}"
-[otp]
-key_file = "{state / 'otp.key'}"
-[control]
-socket = "{state / 'control.sock'}"
+    path.write_text(core_tables(state, port) + f"""
 [log]
 level = "warning"
 [limits]

@@ -17,7 +17,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import Client, SmtpServer, free_port, write_config
+from tests.support.daemon import Client, free_port, write_config
+from tests.support.mail import SmtpServer
 
 
 class SlowSink:

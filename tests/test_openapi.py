@@ -16,7 +16,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.conftest import API_PASSWORD, API_USER, free_port, write_config
+from tests.support.daemon import API_PASSWORD, API_USER, free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH = {"Authorization": "Basic "

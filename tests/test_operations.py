@@ -16,15 +16,15 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from otpd.auth.htpasswd import set_user
-from tests.conftest import (
+from tests.support.daemon import (
     API_PASSWORD,
     API_USER,
     Client,
-    SmtpServer,
     free_port,
     start_daemon,
     write_config,
 )
+from tests.support.mail import SmtpServer
 
 
 def otpd(*args: str) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import API_PASSWORD, API_USER, SmtpServer, start_daemon, write_config
+from tests.support.daemon import API_PASSWORD, API_USER, free_port, start_daemon, write_config
+from tests.support.mail import SmtpServer
 
 RECEIVER = "someone@example.org"
 
@@ -274,8 +275,6 @@ async def test_smtp_recipient_rejected_fails_at_once(
 
 async def test_failover_to_the_next_smtp_account(
         tmp_path: Path, smtp: SmtpServer, session: aiohttp.ClientSession) -> None:
-    from tests.conftest import free_port
-
     dead = free_port()
     extra = f"""
         [[smtp]]

@@ -12,26 +12,14 @@ import aiohttp
 import pytest
 
 from otpd.channels.sms.simulator import ModemSimulator
-from tests.conftest import Running, start_daemon, write_config
-
-
-def modem_block(name: str, port: Path, prefixes: str = "[]") -> str:
-    return f"""
-        [[modem]]
-        name = "{name}"
-        port = "{port}"
-        prefixes = {prefixes}
-        command_timeout = 1
-        prompt_timeout = 2
-        send_timeout = 2
-    """
-
-
-SMS_FAST = """
-    [sms]
-    retry_delay = 0.2
-    probe_interval = 0.3
-"""
+from tests.support.daemon import (
+    SMS_QUICK,
+    Running,
+    modem_table,
+    modems_ready,
+    start_daemon,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -43,18 +31,12 @@ async def sim(tmp_path: Path) -> AsyncIterator[ModemSimulator]:
 
 
 async def wait_ready(run: Running, count: int = 1) -> None:
-    for _ in range(100):
-        _, body = await run.client.call("get-modem-list", {})
-        modems = body["data"]["modem_list"].values()
-        if sum(m["state"] == "ready" for m in modems) >= count:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"modems not ready: {body}")
+    await modems_ready(run, count)
 
 
 async def test_otp_by_sms_and_verify(tmp_path: Path, sim: ModemSimulator,
                                      session: aiohttp.ClientSession) -> None:
-    config = write_config(tmp_path, modem_block("sim1", tmp_path / "modem1") + SMS_FAST)
+    config = write_config(tmp_path, modem_table("sim1", tmp_path / "modem1") + SMS_QUICK)
     run = await start_daemon(config, session)
     try:
         await wait_ready(run)
@@ -77,7 +59,7 @@ async def test_otp_by_sms_and_verify(tmp_path: Path, sim: ModemSimulator,
 
 async def test_long_unicode_sms_and_modem_list(tmp_path: Path, sim: ModemSimulator,
                                                session: aiohttp.ClientSession) -> None:
-    config = write_config(tmp_path, modem_block("sim1", tmp_path / "modem1") + SMS_FAST)
+    config = write_config(tmp_path, modem_table("sim1", tmp_path / "modem1") + SMS_QUICK)
     run = await start_daemon(config, session)
     try:
         await wait_ready(run)
@@ -104,8 +86,8 @@ async def test_failover_to_second_modem(tmp_path: Path, session: aiohttp.ClientS
     good = ModemSimulator(tmp_path / "m2", name="m2", seed=3)
     await bad.start()
     await good.start()
-    config = write_config(tmp_path, modem_block("m1", tmp_path / "m1", '["0812"]')
-                          + modem_block("m2", tmp_path / "m2", '["0899"]') + SMS_FAST)
+    config = write_config(tmp_path, modem_table("m1", tmp_path / "m1", '["0812"]')
+                          + modem_table("m2", tmp_path / "m2", '["0899"]') + SMS_QUICK)
     run = await start_daemon(config, session)
     try:
         await wait_ready(run, 2)
@@ -123,7 +105,7 @@ async def test_failover_to_second_modem(tmp_path: Path, session: aiohttp.ClientS
 async def test_no_usable_modem_gives_1101_at_expiry(tmp_path: Path,
                                                     session: aiohttp.ClientSession) -> None:
     # Configured, but the port never appears.
-    config = write_config(tmp_path, modem_block("ghost", tmp_path / "ghost") + SMS_FAST)
+    config = write_config(tmp_path, modem_table("ghost", tmp_path / "ghost") + SMS_QUICK)
     run = await start_daemon(config, session)
     try:
         _, body = await run.client.call("send-sms", {
@@ -140,7 +122,7 @@ async def test_no_usable_modem_gives_1101_at_expiry(tmp_path: Path,
 async def test_message_waits_for_a_modem_that_comes_back(
         tmp_path: Path, session: aiohttp.ClientSession) -> None:
     sim = ModemSimulator(tmp_path / "late", name="late", seed=4)
-    config = write_config(tmp_path, modem_block("late", tmp_path / "late") + SMS_FAST, wait=0)
+    config = write_config(tmp_path, modem_table("late", tmp_path / "late") + SMS_QUICK, wait=0)
     run = await start_daemon(config, session)
     try:
         _, body = await run.client.call("send-sms", {"receiver": "08120000002", "message": "hi"})
@@ -161,8 +143,8 @@ async def test_sim_daily_cap_moves_work_to_another_modem(
     a = ModemSimulator(tmp_path / "a", name="a", seed=5)
     b = ModemSimulator(tmp_path / "b", name="b", seed=6)
     await a.start()
-    config = write_config(tmp_path, modem_block("a", tmp_path / "a", '["0812"]')
-                          + modem_block("b", tmp_path / "b") + SMS_FAST, wait=2, limits="""
+    config = write_config(tmp_path, modem_table("a", tmp_path / "a", '["0812"]')
+                          + modem_table("b", tmp_path / "b") + SMS_QUICK, wait=2, limits="""
         receiver_cooldown = 0
         sim_daily_max = 2
     """)
@@ -189,8 +171,8 @@ async def test_sim_daily_cap_moves_work_to_another_modem(
     # The count is kept in the store: after a restart the capped SIM still waits.
     a = ModemSimulator(tmp_path / "a", name="a", seed=7)
     await a.start()
-    run = await start_daemon(write_config(tmp_path, modem_block("a", tmp_path / "a")
-                                          + SMS_FAST, wait=1, limits="""
+    run = await start_daemon(write_config(tmp_path, modem_table("a", tmp_path / "a")
+                                          + SMS_QUICK, wait=1, limits="""
         receiver_cooldown = 0
         sim_daily_max = 2
     """), session)

@@ -17,7 +17,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from otpd.channels.sms.simulator import ModemSimulator
-from tests.conftest import API_PASSWORD, Client, free_port, write_config
+from tests.support.daemon import API_PASSWORD, Client, free_port, write_config
 
 SMTP_PASSWORD = "smtp-Pa55word-secret"
 SIM_PIN = "4821"

@@ -24,7 +24,9 @@ from otpd.store import (
     VerifyResult,
 )
 from otpd.store.redis_state import RedisSharedStore
-from tests.conftest import REDIS_URL, SmtpServer, services_required, start_daemon, write_config
+from tests.support.daemon import start_daemon, write_config
+from tests.support.mail import SmtpServer
+from tests.support.services import REDIS_URL, services_required
 
 T0 = time.time()  # Redis TTLs are real time: records live around now
 

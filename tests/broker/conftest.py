@@ -86,12 +86,6 @@ def client(
     )
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
 async def recv_text(ws: ClientConnection, timeout: float = 5.0) -> str:
     message = await within(timeout, ws.recv())
     assert isinstance(message, str)

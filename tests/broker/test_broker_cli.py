@@ -18,6 +18,8 @@ from otpd.broker.cli import add_parser
 from .conftest import basic
 
 # Stands in for otpd/app/cli.py: a main parser with subcommands calling args.func.
+
+
 RUNNER = """
 import argparse, sys
 from otpd.broker.cli import add_parser

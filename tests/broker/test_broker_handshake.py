@@ -13,8 +13,9 @@ from websockets.exceptions import InvalidMessage, InvalidStatus
 
 from otpd.auth.basic import parse_basic_auth
 from otpd.broker import BrokerConfig, BrokerServer
+from tests.support.waiting import wait_until
 
-from .conftest import MakeBroker, RawClient, basic, client, recv_text, wait_for
+from .conftest import MakeBroker, RawClient, basic, client, recv_text
 
 
 @pytest.mark.parametrize(
@@ -49,8 +50,8 @@ async def status_of(broker: BrokerServer, **kwargs: object) -> InvalidStatus:
 
 async def test_login_ok_and_counted(broker: BrokerServer) -> None:
     async with client(broker, user="bob"), client(broker, user="alice", topic="other"):
-        await wait_for(lambda: broker.clients == 2)
-    await wait_for(lambda: broker.clients == 0)
+        await wait_until(lambda: broker.clients == 2)
+    await wait_until(lambda: broker.clients == 0)
 
 
 async def test_wrong_password_401(broker: BrokerServer) -> None:
@@ -108,7 +109,7 @@ async def test_path_with_or_without_slash(broker: BrokerServer, path: str) -> No
 async def test_configured_path(make_broker: MakeBroker) -> None:
     broker = await make_broker(path="/broker/")
     async with client(broker, path="/broker"):
-        await wait_for(lambda: broker.clients == 1)
+        await wait_until(lambda: broker.clients == 1)
     exc = await status_of(broker, path="/ws")
     assert exc.response.status_code == 404
 
@@ -131,7 +132,7 @@ async def test_users_file_reloaded(broker: BrokerServer, users_file: Path) -> No
     assert broker._users is not None
     broker._users._next_reload_check = 0.0  # skip the 1 s throttle
     async with client(broker, user="carol", password="carol-pw"):
-        await wait_for(lambda: broker.clients == 1)
+        await wait_until(lambda: broker.clients == 1)
 
 
 def test_config_validation(users_file: Path) -> None:
@@ -163,7 +164,7 @@ async def test_tls(make_broker: MakeBroker, tmp_path: Path) -> None:
         connect(url, ssl=ctx, additional_headers=auth) as a,
         connect(url, ssl=ctx, additional_headers=auth) as b,
     ):
-        await wait_for(lambda: broker.clients == 2)
+        await wait_until(lambda: broker.clients == 2)
         await a.send("over tls")
         assert await recv_text(b) == "over tls"
     # Plain ws:// to a TLS port does not get through.

@@ -17,16 +17,9 @@ from websockets.exceptions import ConnectionClosed
 from otpd.aio import within
 from otpd.broker import BrokerServer
 from otpd.broker.hub import Subscriber
+from tests.support.waiting import wait_until
 
-from .conftest import (
-    MakeBroker,
-    RawClient,
-    assert_silent,
-    client,
-    masked_frame,
-    recv_text,
-    wait_for,
-)
+from .conftest import MakeBroker, RawClient, assert_silent, client, masked_frame, recv_text
 
 COMMAND = json.dumps(
     {
@@ -44,7 +37,7 @@ async def test_topic_isolation_and_no_echo(broker: BrokerServer) -> None:
         client(broker, topic="sms2") as other,
         client(broker, topic="SMS") as case_differs,
     ):
-        await wait_for(lambda: broker.clients == 5)
+        await wait_until(lambda: broker.clients == 5)
         await sender.send(COMMAND)
         assert await recv_text(peer1) == COMMAND
         assert await recv_text(peer2) == COMMAND
@@ -62,7 +55,7 @@ async def test_topic_isolation_and_no_echo(broker: BrokerServer) -> None:
 async def test_order_and_unicode_kept(broker: BrokerServer) -> None:
     texts = [f"{i} Ünïcødé ✓ 🚀" for i in range(200)]
     async with client(broker) as a, client(broker) as b:
-        await wait_for(lambda: broker.clients == 2)
+        await wait_until(lambda: broker.clients == 2)
         for text in texts:
             await a.send(text)
         assert [await recv_text(b) for _ in texts] == texts
@@ -73,14 +66,14 @@ async def test_fanout_to_200_clients(broker: BrokerServer) -> None:
     clients = [client(broker, user=("alice", "bob")[i % 2]) for i in range(n)]
     conns: list[ClientConnection] = await asyncio.gather(*(c.__aenter__() for c in clients))
     try:
-        await wait_for(lambda: broker.clients == n)
+        await wait_until(lambda: broker.clients == n)
         await conns[0].send(COMMAND)
         received = await asyncio.gather(*(recv_text(ws) for ws in conns[1:]))
         assert received == [COMMAND] * (n - 1)
         await assert_silent(conns[0])
     finally:
         await asyncio.gather(*(c.__aexit__(None, None, None) for c in clients))
-    await wait_for(lambda: broker.clients == 0)
+    await wait_until(lambda: broker.clients == 0)
 
 
 async def test_otp_publisher_php_client(
@@ -89,13 +82,13 @@ async def test_otp_publisher_php_client(
     """Raw `user:user` header, one masked frame, TCP close without close frame."""
     caplog.set_level(logging.DEBUG)
     async with client(broker, topic="sms") as consumer:
-        await wait_for(lambda: broker.clients == 1)
+        await wait_until(lambda: broker.clients == 1)
         php = await RawClient.open(broker.port, "/ws/?topic=sms", "Basic kamshory:kamshory")
         assert php.status == 101
         await php.send_text(COMMAND)
         php.abort()
         assert await recv_text(consumer) == COMMAND
-        await wait_for(lambda: broker.clients == 1)
+        await wait_until(lambda: broker.clients == 1)
     server_records = [r for r in caplog.records if r.name.startswith("otpd")]
     assert not [r for r in server_records if r.levelno >= logging.WARNING]
     assert not [r for r in server_records if r.exc_info]
@@ -108,7 +101,7 @@ async def test_frame_pipelined_behind_the_request(broker: BrokerServer) -> None:
     """A frame sent right behind the handshake request (before the 101 came
     back) is kept and relayed; then TCP is closed without a close frame."""
     async with client(broker, topic="sms") as consumer:
-        await wait_for(lambda: broker.clients == 1)
+        await wait_until(lambda: broker.clients == 1)
         reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
         writer.write(
             b"GET /ws/?topic=sms HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -125,7 +118,7 @@ async def test_frame_pipelined_behind_the_request(broker: BrokerServer) -> None:
 async def test_oversize_frame_closes_1009(make_broker: MakeBroker) -> None:
     broker = await make_broker(max_message=1024)
     async with client(broker) as big, client(broker) as peer:
-        await wait_for(lambda: broker.clients == 2)
+        await wait_until(lambda: broker.clients == 2)
         await big.send("x" * 1024)  # at the limit: relayed
         assert len(await recv_text(peer)) == 1024
         await big.send("x" * 1025)
@@ -133,12 +126,12 @@ async def test_oversize_frame_closes_1009(make_broker: MakeBroker) -> None:
             await within(5, big.recv())
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009
         await assert_silent(peer)
-        await wait_for(lambda: broker.clients == 1)
+        await wait_until(lambda: broker.clients == 1)
 
 
 async def test_binary_frame_refused_1003(broker: BrokerServer) -> None:
     async with client(broker) as sender, client(broker) as peer:
-        await wait_for(lambda: broker.clients == 2)
+        await wait_until(lambda: broker.clients == 2)
         await sender.send(b"\x00\x01binary")
         with pytest.raises(ConnectionClosed) as info:
             await within(5, sender.recv())
@@ -148,7 +141,7 @@ async def test_binary_frame_refused_1003(broker: BrokerServer) -> None:
 
 async def test_invalid_utf8_text_refused(broker: BrokerServer) -> None:
     async with client(broker) as peer:
-        await wait_for(lambda: broker.clients == 1)
+        await wait_until(lambda: broker.clients == 1)
         raw = await RawClient.open(broker.port, "/ws?topic=sms", "Basic kamshory:kamshory")
         raw.writer.write(masked_frame(b"\xff\xfe bad"))
         await raw.wait_eof()
@@ -170,7 +163,7 @@ async def test_flood_does_not_stall_others_and_slow_client_dropped(
         slow = await RawClient.open(
             broker.port, "/ws?topic=flood", "Basic kamshory:kamshory", rcvbuf=4096
         )
-        await wait_for(lambda: broker.clients == 5)
+        await wait_until(lambda: broker.clients == 5)
 
         async def flood() -> None:
             for i in range(count):
@@ -194,7 +187,7 @@ async def test_flood_does_not_stall_others_and_slow_client_dropped(
         assert worst < 1.0  # the other topic kept flowing during the flood
         # The non-reading client was cut off (before it reads anything: reading
         # would make it a fast client again), and it sees its connection end.
-        await wait_for(lambda: broker.clients == 4)
+        await wait_until(lambda: broker.clients == 4)
         await slow.wait_eof()
         slow.abort()
         assert not flooder.close_code and not reader.close_code
@@ -204,16 +197,16 @@ async def test_dead_peer_detected_by_ping(make_broker: MakeBroker) -> None:
     broker = await make_broker(ping_interval=0.2, ping_timeout=0.2, close_timeout=0.3)
     raw = await RawClient.open(broker.port, "/ws?topic=sms", "Basic kamshory:kamshory")
     assert raw.status == 101
-    await wait_for(lambda: broker.clients == 1)
+    await wait_until(lambda: broker.clients == 1)
     # The raw client never answers pings: the broker gives up on it.
-    await wait_for(lambda: broker.clients == 0, timeout=5)
+    await wait_until(lambda: broker.clients == 0, timeout=5)
     raw.abort()
 
 
 async def test_stop_closes_clients_going_away(make_broker: MakeBroker) -> None:
     broker = await make_broker()
     async with client(broker) as ws:
-        await wait_for(lambda: broker.clients == 1)
+        await wait_until(lambda: broker.clients == 1)
         await broker.stop()
         with pytest.raises(ConnectionClosed) as info:
             await within(5, ws.recv())
@@ -273,7 +266,7 @@ async def test_outbox_delivers_in_order() -> None:
     task = asyncio.create_task(sub.run_writer())
     for i in range(5):
         sub.offer(str(i).encode())
-    await wait_for(lambda: len(ws.sent) == 5)
+    await wait_until(lambda: len(ws.sent) == 5)
     assert ws.sent == [b"0", b"1", b"2", b"3", b"4"]
     task.cancel()
 
@@ -296,7 +289,7 @@ async def test_direct_write_only_when_nothing_is_queued() -> None:
     ws.buffered = 0
     assert not sub.writable_now()  # "1" is queued: a direct write would overtake it
     task = asyncio.create_task(sub.run_writer())
-    await wait_for(lambda: ws.sent == [b"1"])
+    await wait_until(lambda: ws.sent == [b"1"])
     assert sub.writable_now()
     task.cancel()
 
@@ -334,7 +327,7 @@ async def test_stop_does_not_hang_on_client_that_does_not_read(make_broker: Make
         slow = await RawClient.open(
             broker.port, "/ws?topic=t", "Basic kamshory:kamshory", rcvbuf=4096
         )
-        await wait_for(lambda: broker.clients == 2)
+        await wait_until(lambda: broker.clients == 2)
         for _ in range(800):  # 6.4 MB: more than the kernel socket buffers hold
             await pub.send("y" * 8192)
         await asyncio.sleep(0.2)

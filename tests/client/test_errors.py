@@ -10,16 +10,11 @@ import pytest
 
 from otpd.broker import BrokerServer
 from otpd.client import AsyncOtpClient, ReplyTimeout, TransportError, parse_client_config
-from tests.client.conftest import (
-    WS_PASSWORD,
-    WS_USER,
-    MakeGateway,
-    check_service,
-    client_toml,
-    phone,
-    unique,
-)
-from tests.conftest import REDIS_URL, free_port
+from tests.support.brokers import unique
+from tests.support.client_config import WS_PASSWORD, WS_USER, cleanup_topic, client_toml, phone
+from tests.support.daemon import free_port
+from tests.support.gateway import MakeGateway
+from tests.support.services import require_service
 
 
 @pytest.fixture
@@ -38,11 +33,11 @@ def make(made: list[AsyncOtpClient], toml: str) -> AsyncOtpClient:
 
 @pytest.mark.parametrize("method", ["mqtt", "redis-stream", "ws"])
 async def test_no_answer_is_a_reply_timeout(method: str, clients: list[AsyncOtpClient],
-                                            ws_broker: BrokerServer) -> None:
+                                            broker: BrokerServer) -> None:
     """Published to a topic nobody consumes: ReplyTimeout after ``timeout``, not a hang."""
-    await check_service(method)
+    await require_service(method)
     topic = unique("nobody")
-    c = make(clients, client_toml(method, topic, ws_port=ws_broker.port))
+    c = make(clients, client_toml(method, topic, ws_port=broker.port))
     started = time.monotonic()
     with pytest.raises(ReplyTimeout) as info:
         await c.verify_otp(phone(), "123456", "ref", timeout=0.5)
@@ -50,26 +45,19 @@ async def test_no_answer_is_a_reply_timeout(method: str, clients: list[AsyncOtpC
     assert isinstance(info.value, TimeoutError) and info.value.published
     assert info.value.command == "verify-otp" and "verify-otp" in str(info.value)
     assert (info.value.topic or "").startswith("otp-reply-")
-    if method == "redis-stream":
-        from redis.asyncio import Redis
-
-        redis = Redis.from_url(REDIS_URL)
-        try:
-            await redis.delete(topic)
-        finally:
-            await redis.aclose()
+    await cleanup_topic(method, topic)
 
 
 async def test_redis_pubsub_without_subscriber_is_not_a_silent_loss(
         clients: list[AsyncOtpClient]) -> None:
-    await check_service("redis")
+    await require_service("redis")
     c = make(clients, client_toml("redis", unique("nobody")))
     with pytest.raises(TransportError, match="nobody is subscribed"):
         await c.send_sms(phone(), "lost?", 60)
 
 
 async def test_amqp_without_queue_is_an_error(clients: list[AsyncOtpClient]) -> None:
-    await check_service("amqp")
+    await require_service("amqp")
     c = make(clients, client_toml("amqp", unique("noqueue")))
     with pytest.raises(TransportError, match="has no queue"):
         await c.send_sms(phone(), "lost?", 60)
@@ -94,7 +82,7 @@ async def test_unreachable_server_is_a_transport_error(
     assert "guest" not in str(info.value)  # no credentials in messages
 
 
-async def test_wrong_credentials(make_gateway: MakeGateway, ws_broker: BrokerServer,
+async def test_wrong_credentials(make_gateway: MakeGateway, broker: BrokerServer,
                                  clients: list[AsyncOtpClient]) -> None:
     gw = await make_gateway("rest")
     # REST: the daemon's 401 carries a JSON answer: a response, not an exception.
@@ -102,7 +90,7 @@ async def test_wrong_credentials(make_gateway: MakeGateway, ws_broker: BrokerSer
     r = await c.send_sms(phone(), "x", 60)
     assert r.response_code == "1100" and not r.ok
     # WebSocket broker: the handshake is refused.
-    toml = client_toml("ws", "sms", ws_port=ws_broker.port).replace(
+    toml = client_toml("ws", "sms", ws_port=broker.port).replace(
         f'password = "{WS_PASSWORD}"', 'password = "wrong"')
     assert WS_USER in toml
     c = make(clients, toml)

@@ -13,18 +13,11 @@ import pytest
 
 from otpd.client import AsyncOtpClient, ReplyTimeout, TransportError, parse_client_config
 from otpd.client.config import ClientConfig
-from tests.client.conftest import (
-    Gateway,
-    MakeGateway,
-    body_text,
-    check_service,
-    client_toml,
-    code_in,
-    email,
-    phone,
-    unique,
-)
-from tests.conftest import REDIS_URL
+from tests.support.brokers import receiver, unique
+from tests.support.client_config import client_toml, phone
+from tests.support.gateway import Gateway, MakeGateway
+from tests.support.mail import body_text, code_in
+from tests.support.services import REDIS_URL, require_service
 
 SECRET = "client-otp-secret-0123456789abcdef"
 PARAMS = ["100000", "1234567890"]
@@ -46,7 +39,7 @@ def managed(store: str, tmp_path: Path, prefix: str, *, max_attempts: int = 5) -
 
 @pytest.fixture
 async def redis_prefix() -> AsyncIterator[str]:
-    await check_service("redis")
+    await require_service("redis")
     prefix = f"{unique('otp')}:"
     yield prefix
     from redis.asyncio import Redis
@@ -71,7 +64,7 @@ async def test_create_and_verify_locally(store: str, make_gateway: MakeGateway, 
                                          redis_prefix: str) -> None:
     gw = await make_gateway("rest")
     c = gw.client(extra=managed(store, tmp_path, redis_prefix, max_attempts=5))
-    address = email()
+    address = receiver()
     r = await c.create_otp(address, "tx-1", 60, "Your OTP is %s", PARAMS)
     assert r.response_code == "0000" and r.command == "request-otp", r
     assert r.data["reference"] == "tx-1" and r.data["receiver"] == address
@@ -85,7 +78,7 @@ async def test_create_and_verify_locally(store: str, make_gateway: MakeGateway, 
     r = await c.verify_otp(address, wrong, "tx-1", PARAMS)
     assert r.response_code == "1202" and r.local
     assert (await c.verify_otp(address, code, "tx-1", ["100000"])).response_code == "1202"
-    assert (await c.verify_otp(email(), code, "tx-1", PARAMS)).response_code == "1202"
+    assert (await c.verify_otp(receiver(), code, "tx-1", PARAMS)).response_code == "1202"
     r = await c.verify_otp(address.upper().replace("EXAMPLE.ORG", "Example.org"), code, "tx-1",
                            PARAMS)
     assert r.response_code == "1202"  # the local part is case-sensitive
@@ -97,13 +90,13 @@ async def test_create_and_verify_locally(store: str, make_gateway: MakeGateway, 
     # Right code: consumed once; phone numbers in any form are the same receiver.
     number = phone()
     assert (await c.create_otp(number, "tx-2", 60, "Kode %s", PARAMS)).response_code == "0000"
-    code = code_in(await gw.sms(number[1:]))
+    code = code_in(await gw.sms_text(number[1:]))
     r = await c.verify_otp("+62 " + number[1:], code, "tx-2", PARAMS)
     assert r.response_code == "0000" and r.success
     assert (await c.verify_otp(number, code, "tx-2", PARAMS)).response_code == "1202"
 
     # Expired.
-    address = email()
+    address = receiver()
     assert (await c.create_otp(address, "tx-3", 1, "Code %s")).response_code == "0000"
     code = await mail_code(gw, address)
     await asyncio.sleep(1.1)
@@ -131,9 +124,9 @@ async def test_refused_or_failed_publish_leaves_no_otp(
     assert (await c.unblock_msisdn(number)).ok
     # ... so the app can retry with the same reference.
     assert (await c.create_otp(number, "tx-1", 60, "Kode %s")).response_code == "0000"
-    code = code_in(await gw.sms(number[1:]))
+    code = code_in(await gw.sms_text(number[1:]))
     # Not delivered at all (Redis channel nobody listens to): removed too.
-    await check_service("redis")
+    await require_service("redis")
     broken = gw.client("redis", extra=extra)
     with pytest.raises(TransportError):
         await broken.create_otp(number, "tx-2", 60, "Kode %s")
@@ -148,7 +141,7 @@ async def test_over_a_broker_fire_and_forget(make_gateway: MakeGateway, tmp_path
     number = phone()
     r = await c.create_otp(number, "tx-1", 60, "Kode OTP Anda %s", PARAMS)
     assert r.response_code == "1111" and r.local and r.ok, r
-    code = code_in(await gw.sms(number[1:]))
+    code = code_in(await gw.sms_text(number[1:]))
     assert (await c.verify_otp(number, code, "tx-1", PARAMS)).response_code == "0000"
     # With wait_result, the daemon's answer to send-message becomes request-otp's.
     r = await c.create_otp(number, "tx-2", 60, "Kode %s", wait_result=True)
@@ -157,7 +150,7 @@ async def test_over_a_broker_fire_and_forget(make_gateway: MakeGateway, tmp_path
 
 async def test_published_but_unanswered_keeps_the_otp(tmp_path: Path) -> None:
     """A ReplyTimeout means the message may still arrive: the OTP stays valid."""
-    await check_service("mqtt")
+    await require_service("mqtt")
     toml = client_toml("mqtt", unique("nobody")) + managed("sqlite", tmp_path, "")
     c = AsyncOtpClient(parse_client_config(toml))
     try:
@@ -184,14 +177,14 @@ async def test_two_app_servers_share_the_store(store: str, make_gateway: MakeGat
     a = AsyncOtpClient(shared_config(gw, store, tmp_path, redis_prefix, max_attempts))
     b = AsyncOtpClient(shared_config(gw, store, tmp_path, redis_prefix, max_attempts))
     gw.clients += [a, b]
-    address = email()
+    address = receiver()
     assert (await a.create_otp(address, "tx-1", 60, "Code %s")).response_code == "0000"
     code = await mail_code(gw, address)
     assert (await b.create_otp(address, "tx-1", 60, "Code %s")).response_code == "1201"
     assert (await b.verify_otp(address, code, "tx-1")).response_code == "0000"
     assert (await a.verify_otp(address, code, "tx-1")).response_code == "1202"
 
-    address = email()
+    address = receiver()
     assert (await b.create_otp(address, "tx-2", 60, "Code %s")).response_code == "0000"
     code = await mail_code(gw, address)
     wrong = [f"{(int(code) + i) % 10**6:06d}" for i in range(1, 21)]
@@ -202,7 +195,7 @@ async def test_two_app_servers_share_the_store(store: str, make_gateway: MakeGat
     assert (await a.verify_otp(address, code, "tx-2")).response_code == "1204"
 
     # Concurrent right codes: accepted exactly once.
-    address = email()
+    address = receiver()
     assert (await a.create_otp(address, "tx-3", 60, "Code %s")).response_code == "0000"
     code = await mail_code(gw, address)
     results = await asyncio.gather(*((a, b)[i % 2].verify_otp(address, code, "tx-3")
@@ -217,7 +210,7 @@ async def test_redis_records_expire_by_themselves(make_gateway: MakeGateway, tmp
     gw = await make_gateway("rest")
     c = gw.client(extra=managed("redis", tmp_path, redis_prefix))
     reference = f"tx-{uuid.uuid4().hex[:6]}"
-    assert (await c.create_otp(email(), reference, 60, "Code %s")).ok
+    assert (await c.create_otp(receiver(), reference, 60, "Code %s")).ok
     redis = Redis.from_url(REDIS_URL)
     try:
         key = redis_prefix + reference

@@ -9,7 +9,10 @@ import time
 import pytest
 
 from otpd.client import OtpResponse
-from tests.client.conftest import METHODS, MakeGateway, body_text, code_in, email, phone
+from tests.support.brokers import receiver
+from tests.support.client_config import METHODS, phone
+from tests.support.gateway import MakeGateway
+from tests.support.mail import body_text, code_in
 
 PARAMS = ["100000", "1234567890", "987654", "674527846556468254"]
 
@@ -46,7 +49,7 @@ async def test_every_operation(method: str, make_gateway: MakeGateway) -> None:
                                 subject="ignored for SMS", id=int(time.time()))
     assert_code(r, "0000")
     assert r.data["reference"] == "ref-1" and r.data["via"] == "sim1"
-    text = await gw.sms(digits(number))
+    text = await gw.sms_text(digits(number))
     code = code_in(text)
     assert text == f"Kode OTP Anda {code}"
     wrong = "000000" if code != "000000" else "111111"
@@ -66,24 +69,24 @@ async def test_every_operation(method: str, make_gateway: MakeGateway) -> None:
         assert r.local and r.ok and not r.success and r.pending
     else:
         assert_code(r, "0000")  # REST always answers with the result
-    code = code_in(await gw.sms(digits(number), count=2))
+    code = code_in(await gw.sms_text(digits(number), count=2))
     assert_code(await fire.verify_otp(number, code, "ref-2", PARAMS), "0000")
 
     # send-sms, send-email, send-message (email with the daemon's default subject).
     r = await client.send_sms(number, "Saldo Anda Rp 100.000", 60, id="sms-1")
     assert_code(r, "0000")
-    assert await gw.sms(digits(number), count=3) == "Saldo Anda Rp 100.000"
-    address = email()
+    assert await gw.sms_text(digits(number), count=3) == "Saldo Anda Rp 100.000"
+    address = receiver()
     r = await client.send_email(address, "Kode OTP Anda", "Your OTP is 4321", 60)
     assert_code(r, "0000")
     mail = await gw.mail(address)
     assert mail["Subject"] == "Kode OTP Anda" and "Your OTP is 4321" in body_text(mail)
-    address2 = email()
+    address2 = receiver()
     assert_code(await client.send_message(address2, "Hello by mail", 60), "0000")
     mail = await gw.mail(address2)
     assert mail["Subject"] == "Your OTP code" and "Hello by mail" in body_text(mail)
     assert_code(await client.send_message(number, "Hello by SMS", 60, subject="x"), "0000")
-    assert await gw.sms(digits(number), count=4) == "Hello by SMS"
+    assert await gw.sms_text(digits(number), count=4) == "Hello by SMS"
     # The same id for the same receiver is sent once.
     assert_code(await client.send_sms(number, "Saldo Anda Rp 100.000", 60, id="sms-1"),
                 "1201")
@@ -104,12 +107,12 @@ async def test_every_operation(method: str, make_gateway: MakeGateway) -> None:
             break
         await asyncio.sleep(0.05)
     assert_code(r, "0000")
-    assert await gw.sms(digits(blocked)) == "now it arrives"
+    assert await gw.sms_text(digits(blocked)) == "now it arrives"
 
     # send-sms fire-and-forget.
     r = await fire.send_sms(number, "fire and forget", 60)
     assert_code(r, "1111" if broker else "0000")
-    assert await gw.sms(digits(number), count=5) == "fire and forget"
+    assert await gw.sms_text(digits(number), count=5) == "fire and forget"
 
     # Refused here without being published: the daemon would answer 1300.
     r = await client.create_otp(number, "ref-4", 60, "no placeholder")

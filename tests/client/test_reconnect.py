@@ -12,8 +12,10 @@ from otpd.client.transports.amqp import AmqpTransport
 from otpd.client.transports.mqtt import MqttTransport
 from otpd.client.transports.redis_broker import RedisTransport
 from otpd.client.transports.websocket import WsTransport
-from tests.client.conftest import MakeGateway, phone
-from tests.conftest import MQTT_HOST, MQTT_PORT, wait_until
+from tests.support.client_config import phone
+from tests.support.gateway import MakeGateway
+from tests.support.services import MQTT_HOST, MQTT_PORT
+from tests.support.waiting import wait_until
 
 
 async def test_mqtt_session_taken_over(make_gateway: MakeGateway) -> None:
@@ -33,7 +35,7 @@ async def test_mqtt_session_taken_over(make_gateway: MakeGateway) -> None:
         await wait_until(lambda: session.lost, 5, "client disconnected by the broker")
         number = phone()
         assert (await c.send_sms(number, "after takeover", 60)).response_code == "0000"
-        assert await gw.sms(number[1:]) == "after takeover"
+        assert await gw.sms_text(number[1:]) == "after takeover"
     finally:
         intruder.disconnect()
         intruder.loop_stop()
@@ -50,7 +52,7 @@ async def test_redis_connection_killed(make_gateway: MakeGateway) -> None:
         "CLIENT", "KILL", "ID", own)
     number = phone()
     assert (await c.send_sms(number, "after kill", 60)).response_code == "0000"
-    assert await gw.sms(number[1:]) == "after kill"
+    assert await gw.sms_text(number[1:]) == "after kill"
 
 
 async def test_amqp_connection_closed(make_gateway: MakeGateway) -> None:
@@ -77,4 +79,4 @@ async def test_ws_broker_restarted(make_gateway: MakeGateway) -> None:
                      "daemon reconnected")
     number = phone()
     assert (await c.send_sms(number, "after restart", 60)).response_code == "0000"
-    assert await gw.sms(number[1:]) == "after restart"
+    assert await gw.sms_text(number[1:]) == "after restart"

@@ -10,7 +10,8 @@ import pytest
 from otpd.client.envelope import encode, envelope
 from otpd.wire.protocol import parse_request
 from otpd.wire.signing import SignatureError, verify
-from tests.client.conftest import MakeGateway, phone
+from tests.support.client_config import phone
+from tests.support.gateway import MakeGateway
 
 KEY = "a-shared-signing-key-0123456789"
 
@@ -37,7 +38,7 @@ async def test_daemon_requiring_signatures(method: str, make_gateway: MakeGatewa
     number = phone()
     r = await signed.send_sms(number, "signed", 60)
     assert r.response_code == "0000", r
-    assert await gw.sms(number[1:]) == "signed"
+    assert await gw.sms_text(number[1:]) == "signed"
     for client in (unsigned, wrong):
         r = await client.send_sms(number, "forged", 60)
         assert r.response_code == "1100" and "signature" in (r.message or ""), r

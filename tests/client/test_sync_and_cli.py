@@ -14,8 +14,12 @@ import pytest
 
 from otpd.client import OtpClient, TransportError
 from otpd.client.cli import add_parser
-from tests.client.conftest import MakeGateway, body_text, code_in, email, phone
-from tests.conftest import REDIS_URL, free_port
+from tests.support.brokers import receiver
+from tests.support.client_config import phone
+from tests.support.daemon import free_port
+from tests.support.gateway import MakeGateway
+from tests.support.mail import body_text, code_in
+from tests.support.services import REDIS_URL
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,7 +39,7 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 @pytest.mark.parametrize("method", ["rest", "mqtt"])
 async def test_sync_client(method: str, make_gateway: MakeGateway) -> None:
     gw = await make_gateway(method)
-    config = gw.config(client="wait_result = true")
+    config = gw.client_config(client="wait_result = true")
     number = phone()
 
     def use() -> list[str]:
@@ -50,7 +54,7 @@ async def test_sync_client(method: str, make_gateway: MakeGateway) -> None:
         return codes
 
     assert await asyncio.to_thread(use) == ["0000", "0000", "1202"]
-    assert await gw.sms(number[1:]) == "from a thread"
+    assert await gw.sms_text(number[1:]) == "from a thread"
 
 
 async def test_sync_client_errors_are_raised_in_the_caller() -> None:
@@ -87,7 +91,7 @@ async def test_cli(make_gateway: MakeGateway, tmp_path: Path) -> None:
                   "--param", "8", "--lifetime", "60"])
     answer = json.loads(out)
     assert code == 0 and answer["response_code"] == "0000" and answer["command"] == "request-otp"
-    otp = code_in(await gw.sms(number[1:]))
+    otp = code_in(await gw.sms_text(number[1:]))
     code, out, _ = await asyncio.to_thread(
         run_cli, [*base, "--method", "redis", "verify-otp", number, "cli-1", "000000" if
                   otp != "000000" else "111111", "--param", "7", "--param", "8"])
@@ -101,8 +105,8 @@ async def test_cli(make_gateway: MakeGateway, tmp_path: Path) -> None:
     code, out, _ = await asyncio.to_thread(
         run_cli, [*base, "-m", "redis", "send-sms", number, "hello"])
     assert code == 0 and json.loads(out)["response_code"] == "1111"
-    assert await gw.sms(number[1:], count=2) == "hello"
-    address = email()
+    assert await gw.sms_text(number[1:], count=2) == "hello"
+    address = receiver()
     code, out, _ = await asyncio.to_thread(
         run_cli, [*base, "send-email", address, "Subject line", "Body text", "--wait",
                   "-m", "redis"])
@@ -110,7 +114,7 @@ async def test_cli(make_gateway: MakeGateway, tmp_path: Path) -> None:
     mail = await gw.mail(address)
     assert mail["Subject"] == "Subject line" and "Body text" in body_text(mail)
     code, out, _ = await asyncio.to_thread(
-        run_cli, [*base, "send-message", email(), "no subject", "--id", "m-1"])
+        run_cli, [*base, "send-message", receiver(), "no subject", "--id", "m-1"])
     assert code == 0 and json.loads(out)["data"]["id"] == "m-1"
 
     blocked = phone()

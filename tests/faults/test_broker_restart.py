@@ -37,26 +37,15 @@ from otpd.aio import within
 from otpd.store import Duplicate, Inserted, NewMessage, NewOtp
 from otpd.transports.consumer import Consumer
 from otpd.wire.protocol import parse_request
-from tests.conftest import free_port, start_daemon, write_config
-from tests.faults.conftest import (
-    APP_USER,
-    AmqpPublisher,
-    BrokerTopics,
-    MqttPublisher,
-    OwnServer,
-    SmtpControl,
-    StreamPublisher,
-    TimedSink,
-    WsApp,
-    broker_tables,
-    command,
-    forget_mqtt_session,
-    port_open,
-    require_binary,
-    start_ws_broker,
-    tagged,
-    wait_for,
-)
+from tests.faults.helpers import BrokerTopics, broker_tables, start_fault_broker
+from tests.support.brokers import APP_USER, command
+from tests.support.daemon import free_port, start_daemon, write_config
+from tests.support.mail import SmtpServer, SmtpSink, tagged
+from tests.support.mqtt_peer import forget_session
+from tests.support.processes import Process
+from tests.support.publishers import AmqpPublisher, MqttPublisher, RedisPublisher, ws_request
+from tests.support.services import port_open, require_binary
+from tests.support.waiting import wait_until
 
 AFTER = 10  # confirmed publishes a broker must take after its restart
 
@@ -110,13 +99,13 @@ async def restart_rabbitmq() -> None:
 @pytest.mark.services
 async def test_each_broker_restarted_during_traffic(
         tmp_path: Path, session: aiohttp.ClientSession, rabbit_url: str,
-        own_redis: OwnServer, own_mosquitto: OwnServer) -> None:
+        own_redis: Process, own_mosquitto: Process) -> None:
     require_binary("rabbitmqctl")
-    sink = TimedSink()
-    smtp = SmtpControl(sink, free_port())
+    sink = SmtpSink()
+    smtp = SmtpServer(sink, free_port())
     smtp.start()
     # A fixed port: the broker is restarted on it during the test.
-    ws_broker = await start_ws_broker(tmp_path, free_port())
+    ws_broker = await start_fault_broker(tmp_path, free_port())
     redis_url = f"redis://127.0.0.1:{own_redis.port}/0"
     topics = BrokerTopics()
     queue, stream, topic, ws_topic = topics.queue, topics.stream, topics.topic, topics.ws_topic
@@ -125,21 +114,21 @@ async def test_each_broker_restarted_during_traffic(
                           ws_port=ws_broker.port, ws_extra="ping_interval = 1\nping_timeout = 1\n")
     config = write_config(tmp_path, extra, smtp_port=smtp.port, wait=0)
     amqp = AmqpPublisher(rabbit_url, queue)
-    redis_pub = StreamPublisher(redis_url, stream)
+    redis_pub = RedisPublisher(redis_url, stream)
     mqtt_pub = MqttPublisher("127.0.0.1", own_mosquitto.port)
-    ws_app = WsApp(ws_broker.port, APP_USER, APP_USER)
 
     async def via_ws(_tag: str, body: bytes) -> bool:
         import json
 
         envelope = json.loads(body)
-        reply = await ws_app.request(ws_topic, envelope["command"], envelope["data"])
+        reply = await ws_request(ws_broker.port, APP_USER, APP_USER, ws_topic,
+                                 envelope["command"], envelope["data"])
         return reply is not None and reply.get("response_code") in ("0000", "1111", "1201")
 
     feeds = {
-        "amqp": Feed("amqp", lambda _t, b: amqp.publish(b)),
-        "redis": Feed("redis", lambda _t, b: redis_pub.publish(b)),
-        "mqtt": Feed("mqtt", lambda _t, b: mqtt_pub.publish(topic, b)),
+        "amqp": Feed("amqp", lambda _t, b: amqp.confirmed(b)),
+        "redis": Feed("redis", lambda _t, b: redis_pub.confirmed(b)),
+        "mqtt": Feed("mqtt", lambda _t, b: mqtt_pub.confirmed(topic, b)),
         "ws": Feed("ws", via_ws),
     }
 
@@ -168,11 +157,11 @@ async def test_each_broker_restarted_during_traffic(
     try:
         consumers: dict[str, Consumer] = {c.name: c for c in run.daemon.consumers}
         assert set(consumers) == set(feeds)
-        await wait_for(lambda: all(c.connected for c in consumers.values()), 20,
+        await wait_until(lambda: all(c.connected for c in consumers.values()), 20,
                        "every consumer connected")
-        await wait_for(lambda: ws_broker.clients >= 1, 10, "otpd on the WS broker")
+        await wait_until(lambda: ws_broker.clients >= 1, 10, "otpd on the WS broker")
         tasks = [asyncio.create_task(f.run(done)) for f in feeds.values()]
-        await wait_for(lambda: all(len(f.confirmed) >= 5 for f in feeds.values()), 20,
+        await wait_until(lambda: all(len(f.confirmed) >= 5 for f in feeds.values()), 20,
                        "traffic on every broker")
 
         async def across(name: str, restart: Callable[[], Awaitable[None]]) -> None:
@@ -182,11 +171,11 @@ async def test_each_broker_restarted_during_traffic(
             before = len(feed.confirmed)
             await restart()
             # otpd noticed the outage and reconnected on its own...
-            await wait_for(lambda: consumer.status()["errors"] > errors_before, 10,
+            await wait_until(lambda: consumer.status()["errors"] > errors_before, 10,
                            f"{name} consumer to notice the restart")
-            await wait_for(lambda: consumer.connected, 30, f"{name} consumer reconnected")
+            await wait_until(lambda: consumer.connected, 30, f"{name} consumer reconnected")
             # ...and the broker carries confirmed traffic again.
-            await wait_for(lambda: len(feed.confirmed) >= before + AFTER, 30,
+            await wait_until(lambda: len(feed.confirmed) >= before + AFTER, 30,
                            f"{name} traffic after its restart")
             # The other brokers' traffic went on meanwhile.
             for other, count in others_before.items():
@@ -198,7 +187,7 @@ async def test_each_broker_restarted_during_traffic(
         await asyncio.gather(*tasks)
 
         confirmed = {tag for f in feeds.values() for tag in f.confirmed}
-        await wait_for(lambda: confirmed <= set(sink.tags()), 30, "every confirmed command")
+        await wait_until(lambda: confirmed <= set(sink.tags()), 30, "every confirmed command")
         async with asyncio.timeout(20):
             while await amqp.depth() or await redis_pub.leftovers("otpd"):
                 await asyncio.sleep(0.2)
@@ -217,11 +206,11 @@ async def test_each_broker_restarted_during_traffic(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await run.daemon.stop()
-        await amqp.close()
-        await redis_pub.close()
-        mqtt_pub.close()
+        await amqp.delete()
+        await redis_pub.delete()
+        await mqtt_pub.close()
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(forget_mqtt_session, "127.0.0.1", own_mosquitto.port,
+            await asyncio.to_thread(forget_session, "127.0.0.1", own_mosquitto.port,
                                     topics.client_id)
         await ws_broker.stop()
         smtp.stop()
@@ -231,8 +220,8 @@ async def test_command_cancelled_mid_store_is_still_delivered(
         tmp_path: Path, session: aiohttp.ClientSession) -> None:
     """What a broker connection closing in the middle of a command does, made
     deterministic: the consumer's task is cancelled while the store commits."""
-    sink = TimedSink()
-    smtp = SmtpControl(sink, free_port())
+    sink = SmtpSink()
+    smtp = SmtpServer(sink, free_port())
     smtp.start()
     run = await start_daemon(write_config(tmp_path, smtp_port=smtp.port, wait=0), session)
     try:
@@ -268,7 +257,7 @@ async def test_command_cancelled_mid_store_is_still_delivered(
         response = await service.execute(parse_request(body), wait=0.0, transport="amqp")
         assert response.code.value in ("1111", "1201"), response
         # ...so the stored one must go out without waiting for a restart.
-        await wait_for(lambda: "cut-1" in sink.tags(), 5, "the stored message mailed")
+        await wait_until(lambda: "cut-1" in sink.tags(), 5, "the stored message mailed")
         assert sink.tags() == ["cut-1"]  # once
     finally:
         await run.daemon.stop()

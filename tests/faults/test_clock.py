@@ -24,7 +24,6 @@ import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,51 +36,22 @@ from otpd.channels.sms.pool import ModemPool
 from otpd.channels.sms.simulator import ModemSimulator
 from otpd.delivery.engine import DeliveryEngine
 from otpd.service import Service
-from tests.conftest import Running, free_port, start_daemon, write_config
-from tests.faults.conftest import (
+from tests.faults.helpers import modem
+from tests.support.daemon import (
     SMS_FAST,
-    FakeClock,
-    SmtpControl,
-    TimedSink,
-    body_text,
-    modem_table,
-    tag_of,
-    tagged,
-    wait_for,
+    free_port,
+    modems_ready,
+    start_daemon,
+    write_config,
 )
+from tests.support.gateway import FakeClock, Gateway
+from tests.support.mail import SmtpServer, SmtpSink, body_text, tag_of, tagged
+from tests.support.waiting import wait_until
 
 HOUR = 3600.0
 NUMBER = "08127770001"
 RCPT = "clock@example.org"
 STUCK = 6.0  # s: longer than any retry delay or sweep interval configured here
-
-
-@dataclass
-class Gateway:
-    run: Running
-    clock: FakeClock
-    sink: TimedSink
-    smtp: SmtpControl
-    sim: ModemSimulator
-    config: Path
-
-    async def call(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
-        _, body = await self.run.client.call(name, data)
-        result: dict[str, Any] = body
-        return result
-
-    def delivered(self) -> Counter[str]:
-        return Counter([*self.sink.tags(), *(tag_of(m.text) or "?" for m in self.sim.sent)])
-
-    async def outcome(self, name: str, data: dict[str, Any]) -> tuple[str, str]:
-        """How the first command with this id ended, as a repeat of it tells."""
-        body = await self.call(name, data)
-        assert body["response_code"] == "1201", body
-        return body["data"]["status"], body["data"]["first_response_code"]
-
-    async def restart(self, session: aiohttp.ClientSession) -> None:
-        await self.run.daemon.stop()
-        self.run = await start_daemon(self.config, session)
 
 
 @pytest.fixture
@@ -96,29 +66,22 @@ async def clocked(tmp_path: Path, session: aiohttp.ClientSession,
     monkeypatch.setattr(otpd.channels.sms.pool, "ModemPool",
                         functools.partial(ModemPool, clock=clock))
     limits: str = getattr(request, "param", "enabled = false")  # [limits] table
-    sink = TimedSink(clock=clock)
-    smtp = SmtpControl(sink, free_port())
+    sink = SmtpSink(clock=clock)
+    smtp = SmtpServer(sink, free_port())
     sim = ModemSimulator(tmp_path / "m1", name="m1", seed=7)
-    config = write_config(tmp_path, modem_table("m1", tmp_path / "m1") + SMS_FAST,
+    config = write_config(tmp_path, modem("m1", tmp_path / "m1") + SMS_FAST,
                           smtp_port=smtp.port, wait=0, limits=limits)
     run = await start_daemon(config, session)
-    gw = Gateway(run, clock, sink, smtp, sim, config)
+    gw = Gateway(run, smtp, sim, clock=clock)
     try:
         yield gw
     finally:
-        await gw.run.daemon.stop()
-        await sim.stop()
+        await gw.close()
         smtp.stop()
 
 
 async def modem_ready(gw: Gateway) -> None:
-    async def ready() -> bool:
-        body = await gw.call("get-modem-list", {})
-        return bool(body["data"]["modem_list"]["m1"]["state"] == "ready")
-
-    async with asyncio.timeout(10):
-        while not await ready():
-            await asyncio.sleep(0.05)
+    await modems_ready(gw.run)
 
 
 def sms(tag: str, expiration: float | None = None) -> dict[str, Any]:
@@ -136,7 +99,7 @@ def email(tag: str, expiration: float | None = None) -> dict[str, Any]:
     return data
 
 
-def code_in(sink: TimedSink, reference_tag: str) -> str:
+def code_for(sink: SmtpSink, reference_tag: str) -> str:
     for message in sink.messages:
         text = body_text(message)
         if tag_of(text) == reference_tag:
@@ -187,7 +150,7 @@ async def test_forward_jump_drops_what_expired_unsent(clocked: Gateway) -> None:
     await gw.sim.start()
     gw.smtp.start()
     await modem_ready(gw)
-    await wait_for(lambda: gw.delivered()["e-long"], 10, "the long-lived mail")
+    await wait_until(lambda: gw.delivered()["e-long"], 10, "the long-lived mail")
     await asyncio.sleep(1.0)
     assert gw.delivered() == Counter({"e-long": 1})
 
@@ -221,13 +184,13 @@ async def test_forward_jump_expires_otps(clocked: Gateway) -> None:
         body = await gw.call("request-otp", {"receiver": RCPT, "reference": ref,
                                              "message": f"Code %s [[{ref}]]"})
         assert body["response_code"] in ("0000", "1111"), body
-    await wait_for(lambda: {"otp-a", "otp-b"} <= set(gw.sink.tags()), 10, "the OTP mails")
+    await wait_until(lambda: {"otp-a", "otp-b"} <= set(gw.sink.tags()), 10, "the OTP mails")
     body = await gw.call("verify-otp", {"receiver": RCPT, "reference": "otp-b",
-                                        "otp": code_in(gw.sink, "otp-b")})
+                                        "otp": code_for(gw.sink, "otp-b")})
     assert body["response_code"] == "0000", body
     gw.clock.jump(301)  # past the default lifetime (300 s)
     body = await gw.call("verify-otp", {"receiver": RCPT, "reference": "otp-a",
-                                        "otp": code_in(gw.sink, "otp-a")})
+                                        "otp": code_for(gw.sink, "otp-a")})
     assert body["response_code"] == "1203", body
 
 
@@ -246,7 +209,7 @@ async def test_backward_jump_sends_nothing_twice(clocked: Gateway) -> None:
     body = await gw.call("request-otp", {"receiver": RCPT, "reference": "otp-back",
                                          "message": "Code %s [[otp-back]]"})
     assert body["response_code"] in ("0000", "1111"), body
-    await wait_for(lambda: set(tags) | {"otp-back"} <= set(gw.delivered()), 10,
+    await wait_until(lambda: set(tags) | {"otp-back"} <= set(gw.delivered()), 10,
                    "everything delivered")
 
     gw.clock.jump(-HOUR)
@@ -255,11 +218,11 @@ async def test_backward_jump_sends_nothing_twice(clocked: Gateway) -> None:
     assert await gw.outcome("send-email", email("b-0")) == ("sent", "0000")
     body = await gw.call("send-sms", sms("after"))
     assert body["response_code"] in ("0000", "1111"), body
-    await wait_for(lambda: gw.delivered()["after"], 10, "a message sent after the jump")
+    await wait_until(lambda: gw.delivered()["after"], 10, "a message sent after the jump")
     await asyncio.sleep(0.5)
     assert {t: n for t, n in gw.delivered().items() if n != 1} == {}
     # The OTP is still valid (its expiry is absolute), and single use.
-    code = code_in(gw.sink, "otp-back")
+    code = code_for(gw.sink, "otp-back")
     body = await gw.call("verify-otp", {"receiver": RCPT, "reference": "otp-back",
                                         "otp": code})
     assert body["response_code"] == "0000", body
@@ -282,7 +245,7 @@ async def test_backward_jump_does_not_stall_retries(clocked: Gateway) -> None:
     gw.clock.jump(-HOUR)
     gw.smtp.start()
     gw.sim.clear_fault()
-    await wait_for(lambda: gw.delivered()["r-mail"] and gw.delivered()["r-sms"], STUCK,
+    await wait_until(lambda: gw.delivered()["r-mail"] and gw.delivered()["r-sms"], STUCK,
                    "the retried messages (the user would wait an hour)")
 
 
@@ -296,7 +259,7 @@ async def test_restart_after_backward_jump_resumes_at_once(
     gw.clock.jump(-HOUR)  # e.g. the Pi rebooted without RTC, then NTP
     gw.smtp.start()
     gw.run = await start_daemon(gw.config, session)
-    await wait_for(lambda: gw.delivered()["resume"], STUCK,
+    await wait_until(lambda: gw.delivered()["resume"], STUCK,
                    "the resumed message (the user would wait an hour)")
 
 
@@ -355,7 +318,7 @@ async def test_stop_is_bounded_whatever_the_clock_does(
                                          "message": "Code %s [[p-otp]]",
                                          "expiration": int(gw.clock() + 900)})
     assert body["response_code"] == "1111", body
-    await wait_for(lambda: gw.sink.tags(), 10, "a mail in flight")
+    await wait_until(lambda: gw.sink.tags(), 10, "a mail in flight")
     await asyncio.sleep(0.3)  # the SMS failed at least once
 
     caplog.set_level(logging.WARNING, logger="otpd")
@@ -376,5 +339,5 @@ async def test_stop_is_bounded_whatever_the_clock_does(
     for i in range(3):
         status, _ = await gw.outcome("send-sms", sms(f"p-sms-{i}"))
         assert status == "pending", (i, status)
-    await wait_for(lambda: {f"p-mail-{i}" for i in range(3)} <= set(gw.sink.tags()), 10,
+    await wait_until(lambda: {f"p-mail-{i}" for i in range(3)} <= set(gw.sink.tags()), 10,
                    "the pending mails")

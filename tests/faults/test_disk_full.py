@@ -22,16 +22,11 @@ import aiohttp
 import pytest
 
 from otpd.aio import within
-from tests.conftest import Client, free_port, write_config
-from tests.faults.conftest import (
-    DaemonProcess,
-    SmtpControl,
-    TimedSink,
-    outbox,
-    tagged,
-    unavailable,
-    wait_for,
-)
+from tests.faults.helpers import DaemonProcess, outbox
+from tests.support.daemon import Client, free_port, write_config
+from tests.support.mail import SmtpServer, SmtpSink, tagged
+from tests.support.services import service_unreachable
+from tests.support.waiting import wait_until
 
 RCPT = "disk@example.org"
 
@@ -43,8 +38,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        unavailable(f"cannot mount a 2 MB tmpfs for the store (needs root or CAP_SYS_ADMIN):"
-                    f" {done.stderr.strip() or done.returncode}")
+        service_unreachable("cannot mount a 2 MB tmpfs for the store (needs root or"
+                            f" CAP_SYS_ADMIN): {done.stderr.strip() or done.returncode}")
     try:
         yield mountpoint
     finally:
@@ -73,8 +68,8 @@ def fill(path: Path) -> int:
 
 async def test_store_disk_full(tmp_path: Path, small_disk: Path,
                                session: aiohttp.ClientSession) -> None:
-    sink = TimedSink()
-    smtp = SmtpControl(sink, free_port())  # down for now: accepted mail stays pending
+    sink = SmtpSink()
+    smtp = SmtpServer(sink, free_port())  # down for now: accepted mail stays pending
     rest_port = free_port()
     config = write_config(tmp_path, wait=0, rest_port=rest_port, smtp_port=smtp.port)
     config.write_text(config.read_text().replace(str(tmp_path / "otpd.db"),
@@ -131,7 +126,7 @@ async def test_store_disk_full(tmp_path: Path, small_disk: Path,
         status, body = await send()
         assert (status, body["response_code"]) == (200, "1111"), body
         smtp.start()
-        await wait_for(lambda: set(accepted) <= set(sink.tags()), 30,
+        await wait_until(lambda: set(accepted) <= set(sink.tags()), 30,
                        "every accepted message mailed")
         await asyncio.sleep(0.5)
         tags = sink.tags()

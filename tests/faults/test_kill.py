@@ -45,30 +45,21 @@ import aiohttp
 import pytest
 
 from otpd.channels.sms.simulator import ModemSimulator
-from tests.conftest import Client, free_port, write_config
-from tests.faults.conftest import (
-    APP_USER,
-    SMS_FAST,
-    AmqpPublisher,
+from tests.faults.helpers import (
     BrokerTopics,
     DaemonProcess,
-    MqttPublisher,
-    Receipt,
-    SmtpControl,
-    StreamPublisher,
-    TimedSink,
-    WsApp,
     broker_tables,
-    command,
     daemon_status,
-    forget_mqtt_session,
-    modem_table,
+    modem,
     outbox,
-    start_ws_broker,
-    tag_of,
-    tagged,
-    wait_for,
+    start_fault_broker,
 )
+from tests.support.brokers import APP_USER, command
+from tests.support.daemon import SMS_FAST, Client, free_port, write_config
+from tests.support.mail import Receipt, SmtpServer, SmtpSink, tag_of, tagged
+from tests.support.mqtt_peer import forget_session
+from tests.support.publishers import AmqpPublisher, MqttPublisher, RedisPublisher, ws_request
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.services
 
@@ -147,19 +138,19 @@ async def test_sigkill_rounds_lose_nothing_and_resend_only_uncertain(
         mqtt_broker: tuple[str, int]) -> None:
     rng = random.Random(SEED)
     print(f"\nkill test: seed={SEED} rounds={ROUNDS} (OTPD_FAULT_SEED / OTPD_KILL_ROUNDS)")
-    sink = TimedSink(delay=SMTP_DELAY)
-    smtp = SmtpControl(sink, free_port())
+    sink = SmtpSink(delay=SMTP_DELAY)
+    smtp = SmtpServer(sink, free_port())
     smtp.start()
     sims = [ModemSimulator(tmp_path / f"m{i}", name=f"m{i}", seed=i, delay=SMS_DELAY)
             for i in (1, 2)]
     for sim in sims:
         await sim.start()
-    ws_broker = await start_ws_broker(tmp_path)
+    ws_broker = await start_fault_broker(tmp_path)
     topics = BrokerTopics()
     queue, stream, topic, ws_topic = topics.queue, topics.stream, topics.topic, topics.ws_topic
     client_id = topics.client_id
     mqtt_host, mqtt_port = mqtt_broker
-    extra = (modem_table("m1", tmp_path / "m1") + modem_table("m2", tmp_path / "m2")
+    extra = (modem("m1", tmp_path / "m1") + modem("m2", tmp_path / "m2")
              + SMS_FAST + broker_tables(topics, rabbit_url=rabbit_url, redis_url=redis_url,
                                         mqtt_host=mqtt_host, mqtt_port=mqtt_port,
                                         ws_port=ws_broker.port))
@@ -170,9 +161,8 @@ async def test_sigkill_rounds_lose_nothing_and_resend_only_uncertain(
     control_socket = tmp_path / "control.sock"
 
     amqp = AmqpPublisher(rabbit_url, queue)
-    redis_pub = StreamPublisher(redis_url, stream)
+    redis_pub = RedisPublisher(redis_url, stream)
     mqtt_pub = MqttPublisher(mqtt_host, mqtt_port)
-    ws_app = WsApp(ws_broker.port, APP_USER, APP_USER)
     ledger = Ledger()
     traffic = Traffic(ledger)
 
@@ -185,16 +175,16 @@ async def test_sigkill_rounds_lose_nothing_and_resend_only_uncertain(
         return body.get("response_code") in ("0000", "1111")
 
     async def via_amqp(name: str, data: dict[str, Any]) -> bool:
-        return await amqp.publish(command(name, data))
+        return await amqp.confirmed(command(name, data))
 
     async def via_stream(name: str, data: dict[str, Any]) -> bool:
-        return await redis_pub.publish(command(name, data))
+        return await redis_pub.confirmed(command(name, data))
 
     async def via_mqtt(name: str, data: dict[str, Any]) -> bool:
-        return await mqtt_pub.publish(topic, command(name, data))
+        return await mqtt_pub.confirmed(topic, command(name, data))
 
     async def via_ws(name: str, data: dict[str, Any]) -> bool:
-        reply = await ws_app.request(ws_topic, name, data)
+        reply = await ws_request(ws_broker.port, APP_USER, APP_USER, ws_topic, name, data)
         return reply is not None and reply.get("response_code") in ("0000", "1111")
 
     tasks: list[asyncio.Task[None]] = []
@@ -215,7 +205,7 @@ async def test_sigkill_rounds_lose_nothing_and_resend_only_uncertain(
                 async with asyncio.timeout(20):
                     while not await consumers_up():
                         await asyncio.sleep(0.1)
-                await wait_for(lambda: ws_broker.clients >= 1, 10, "otpd on the WS broker")
+                await wait_until(lambda: ws_broker.clients >= 1, 10, "otpd on the WS broker")
                 seeds = iter(range(SEED * 10, SEED * 10 + 10))
                 tasks = [
                     *(asyncio.create_task(traffic.loop("rest", next(seeds), (0.05, 0.3),
@@ -259,7 +249,7 @@ async def test_sigkill_rounds_lose_nothing_and_resend_only_uncertain(
         async def brokers_drained() -> bool:
             return (await amqp.depth() == 0 and await redis_pub.leftovers("otpd") == 0)
 
-        await wait_for(settled, 60, "every live accepted message delivered", interval=0.2)
+        await wait_until(settled, 60, "every live accepted message delivered", interval=0.2)
         async with asyncio.timeout(30):
             while not await brokers_drained():
                 await asyncio.sleep(0.2)
@@ -271,10 +261,10 @@ async def test_sigkill_rounds_lose_nothing_and_resend_only_uncertain(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         daemon.kill()
-        await amqp.close()
-        await redis_pub.close()
-        mqtt_pub.close()
-        await asyncio.to_thread(forget_mqtt_session, mqtt_host, mqtt_port, client_id)
+        await amqp.delete()
+        await redis_pub.delete()
+        await mqtt_pub.close()
+        await asyncio.to_thread(forget_session, mqtt_host, mqtt_port, client_id)
         await ws_broker.stop()
         for sim in sims:
             await sim.stop()

@@ -18,8 +18,10 @@ import aiohttp
 import pytest
 
 from otpd.channels.sms.simulator import ModemSimulator
-from tests.conftest import Running, start_daemon, write_config
-from tests.faults.conftest import SMS_FAST, modem_table, tag_of, tagged, wait_for
+from tests.faults.helpers import modem
+from tests.support.daemon import SMS_FAST, Running, start_daemon, write_config
+from tests.support.mail import tag_of, tagged
+from tests.support.waiting import wait_until
 
 SEND_DELAY = 0.4  # s the simulated network takes per SMS: long enough to fault mid-send
 
@@ -32,14 +34,10 @@ async def modems(run: Running) -> dict[str, dict[str, Any]]:
 
 
 async def wait_state(run: Running, name: str, states: set[str], timeout: float = 15) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        state = (await modems(run))[name]["state"]
-        if state in states:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"modem {name} is {state}, not {states} after {timeout} s")
-        await asyncio.sleep(0.05)
+    async def reached() -> bool:
+        return (await modems(run))[name]["state"] in states
+
+    await wait_until(reached, timeout, f"modem {name} in {states}", interval=0.05)
 
 
 def fault_mid_send(sim: ModemSimulator, act: Any, after: float = 0.15) -> None:
@@ -65,8 +63,8 @@ async def pair(tmp_path: Path, session: aiohttp.ClientSession
     m2 = ModemSimulator(tmp_path / "m2", name="m2", seed=2, delay=0.05)
     await m1.start()
     await m2.start()
-    config = write_config(tmp_path, modem_table("m1", tmp_path / "m1", '["0812"]')
-                          + modem_table("m2", tmp_path / "m2", '["0899"]') + SMS_FAST, wait=10)
+    config = write_config(tmp_path, modem("m1", tmp_path / "m1", '["0812"]')
+                          + modem("m2", tmp_path / "m2", '["0899"]') + SMS_FAST, wait=10)
     run = await start_daemon(config, session)
     try:
         await wait_state(run, "m1", {"ready"})
@@ -143,7 +141,7 @@ async def test_only_modem_vanishing_mid_send_delivers_after_it_returns(
         tmp_path: Path, session: aiohttp.ClientSession) -> None:
     sim = ModemSimulator(tmp_path / "solo", name="solo", seed=3, delay=SEND_DELAY)
     await sim.start()
-    config = write_config(tmp_path, modem_table("solo", tmp_path / "solo") + SMS_FAST, wait=0)
+    config = write_config(tmp_path, modem("solo", tmp_path / "solo") + SMS_FAST, wait=0)
     run = await start_daemon(config, session)
     try:
         await wait_state(run, "solo", {"ready"})
@@ -152,7 +150,7 @@ async def test_only_modem_vanishing_mid_send_delivers_after_it_returns(
         for tag in tags[:2]:
             body = await send(run, tag)
             assert body["response_code"] == "1111", body  # durably queued
-        await wait_for(lambda: not sim.present, 5, "the port to vanish")
+        await wait_until(lambda: not sim.present, 5, "the port to vanish")
         await wait_state(run, "solo", {"down", "starting"})
         # Accepted while the only modem is gone: queued, not refused.
         for tag in tags[2:]:
@@ -161,7 +159,7 @@ async def test_only_modem_vanishing_mid_send_delivers_after_it_returns(
         await asyncio.sleep(1.0)
         assert sim.sent == []
         sim.reappear()
-        await wait_for(lambda: len(sim.sent) >= len(tags), 20, "the queued SMS")
+        await wait_until(lambda: len(sim.sent) >= len(tags), 20, "the queued SMS")
         await asyncio.sleep(0.5)  # a duplicate would show by now
         assert sorted(texts(sim)) == tags  # each exactly once
         _, status = await run.client.call("send-sms", {"receiver": "08120000001",

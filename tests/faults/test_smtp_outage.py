@@ -11,15 +11,16 @@ from pathlib import Path
 import aiohttp
 
 from otpd.app import control
-from tests.conftest import free_port, start_daemon, write_config
-from tests.faults.conftest import SmtpControl, TimedSink, tagged, wait_for
+from tests.support.daemon import free_port, start_daemon, write_config
+from tests.support.mail import SmtpServer, SmtpSink, tagged
+from tests.support.waiting import wait_until
 
 RCPT = "outage@example.org"
 
 
 async def test_smtp_down_then_back(tmp_path: Path, session: aiohttp.ClientSession) -> None:
-    sink = TimedSink()
-    smtp = SmtpControl(sink, free_port())  # not started: the server is down
+    sink = SmtpSink()
+    smtp = SmtpServer(sink, free_port())  # not started: the server is down
     config = write_config(tmp_path, smtp_port=smtp.port, wait=0)
     run = await start_daemon(config, session)
     try:
@@ -41,7 +42,7 @@ async def test_smtp_down_then_back(tmp_path: Path, session: aiohttp.ClientSessio
         # The short-lived ones expire while the server is down.
         await asyncio.sleep(now + 3 - time.time())
         smtp.start()
-        await wait_for(lambda: set(lasting) <= set(sink.tags()), 15, "the pending mail")
+        await wait_until(lambda: set(lasting) <= set(sink.tags()), 15, "the pending mail")
         await asyncio.sleep(1.0)  # anything expired would have gone out by now
         tags = sink.tags()
         assert sorted(tags) == sorted(lasting), tags  # each once, none of the expired
@@ -72,7 +73,7 @@ async def test_smtp_down_then_back(tmp_path: Path, session: aiohttp.ClientSessio
         _, body = await run.client.call("request-otp", {
             "receiver": RCPT, "reference": "otp-gone", "message": "Code %s [[otp-again]]"})
         assert body["response_code"] in ("0000", "1111"), body
-        await wait_for(lambda: "otp-again" in sink.tags(), 10, "the new OTP mail")
+        await wait_until(lambda: "otp-again" in sink.tags(), 10, "the new OTP mail")
     finally:
         await run.daemon.stop()
         smtp.stop()

@@ -3,50 +3,39 @@ application side of each broker (a *link*: publish, request with a reply on a
 callback topic, count what the broker still holds for otpd).
 
 Used by the end-to-end, restart and shared-subscription tests. Every link
-talks to a real broker: RabbitMQ, Redis (pub/sub or stream), Mosquitto, or an
-``otpd broker`` started by the link.
+talks to a real broker (RabbitMQ, Redis pub/sub or stream, Mosquitto, or an
+``otpd broker`` started by the link) through the client library's publishers
+(``tests.support.publishers``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import queue
-import random
-import textwrap
-import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from email.message import Message
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
-import paho.mqtt.client as mqtt
-from aio_pika.abc import AbstractChannel, AbstractConnection
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.properties import Properties
-from redis.asyncio import Redis
-from websockets.asyncio.client import connect
 
-from otpd.aio import within
-from otpd.broker import BrokerConfig, BrokerServer
-from otpd.channels.sms.simulator import ModemSimulator, SentMessage
-from otpd.transports.consumer import Consumer
-from tests.conftest import (
-    MQTT_HOST,
-    MQTT_PORT,
-    RABBIT_URL,
-    REDIS_URL,
-    Running,
-    SmtpServer,
-    start_daemon,
-    wait_until,
-    write_config,
+from otpd.broker import BrokerServer
+from otpd.channels.sms.simulator import ModemSimulator
+from otpd.client.transports.base import Transport
+from tests.support.brokers import (
+    APP_USER,
+    OTPD_PASSWORD,
+    OTPD_USER,
+    command,
+    start_ws_broker,
+    unique,
 )
-from tests.transports.conftest import APP_USER, OTPD_PASSWORD, OTPD_USER, command, unique
+from tests.support.daemon import SMS_QUICK, modem_table, modems_ready, start_daemon, write_config
+from tests.support.gateway import Gateway
+from tests.support.mail import SmtpServer
+from tests.support.mqtt_peer import count_redelivered, forget_session
+from tests.support.publishers import AmqpPublisher, MqttPublisher, RedisPublisher, WsPublisher
+from tests.support.services import MQTT_HOST, MQTT_PORT, RABBIT_URL, REDIS_URL
+from tests.support.waiting import wait_until
 
 # Fast reconnects, so that restarts and kills are noticed and healed quickly; a
 # max_message below every broker's own limit, so that otpd is the one refusing.
@@ -56,12 +45,6 @@ reconnect_max = 0.5
 retry_delay = 0.1
 max_message = 8192
 """
-
-
-def phone() -> tuple[str, str]:
-    """A fresh Indonesian mobile number: (as an app writes it, as the modem sees it)."""
-    digits = f"{random.randrange(10**8):08d}"
-    return f"0812{digits}", f"+62812{digits}"
 
 
 class Link(ABC):
@@ -108,61 +91,40 @@ class Link(ABC):
         return 0
 
 
+async def reply_of(transport: Transport, body: bytes, callback: str,
+                   timeout: float) -> dict[str, Any]:
+    """The client's request: listen on ``callback``, publish, return the first reply."""
+    answer = await transport.request(body, callback, timeout)
+    assert answer is not None
+    result: dict[str, Any] = json.loads(answer)
+    return result
+
+
 class AmqpLink(Link):
     kind = "amqp"
 
     def __init__(self, url: str = RABBIT_URL) -> None:
         super().__init__()
         self.url = url
-        self.queues = [self.topic]
-        self._conn: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
-
-    async def open(self) -> None:
-        self._conn = await aio_pika.connect(self.url, timeout=5)
-        self._channel = await self._conn.channel()
+        self.publisher = AmqpPublisher(url, self.topic)
+        self.queues: list[str] = []
 
     async def close(self) -> None:
-        if self._conn is None:
-            return
-        await self.reopen()
-        channel = self.channel
-        for name in self.queues:
-            try:
-                await channel.queue_delete(name)
-            except Exception:
-                channel = await self._conn.channel()
-        await self._conn.close()
-
-    @property
-    def channel(self) -> AbstractChannel:
-        assert self._channel is not None
-        return self._channel
-
-    async def reopen(self) -> None:
-        """A new connection if the old one is gone (a broker restart closes it)."""
-        if self._conn is not None and not self._conn.is_closed:
-            try:
-                self._channel = await self._conn.channel()
-                return
-            except Exception:
-                with contextlib.suppress(Exception):
-                    await self._conn.close()
-        await self.open()
+        await self.publisher.delete(*self.queues)
 
     def table(self) -> str:
         return f'[amqp]\nurl = "{self.url}"\ntopic = "{self.topic}"\n{COMMON}'
 
     async def publish(self, body: bytes) -> None:
-        # What OTP-Publisher does: default exchange, routing key = queue, transient.
-        await self.channel.default_exchange.publish(aio_pika.Message(body),
-                                                    routing_key=self.topic)
+        await self.publisher.publish_transient(body)
 
     async def request(self, body: bytes, callback: str, timeout: float = 10.0) -> dict[str, Any]:
+        # OTP-Publisher's reply queue, named by callback_topic (not the client's
+        # reply_to): durable, not auto-delete, not exclusive.
         self.queues.append(callback)
-        # The PHP client's reply queue flags: durable, not auto-delete, not exclusive.
-        reply_queue = await self.channel.declare_queue(callback, durable=True,
-                                                       auto_delete=False, exclusive=False)
+        channel = await self.publisher.channel()
+        reply_queue = await channel.declare_queue(callback, durable=True,
+                                                  auto_delete=False, exclusive=False)
         await self.publish(body)
         async with asyncio.timeout(timeout):
             while True:
@@ -174,170 +136,53 @@ class AmqpLink(Link):
 
     async def leftovers(self) -> int:
         # Unacknowledged messages went back to "ready" when otpd's channel closed.
-        await self.reopen()
-        queue_ = await self.channel.declare_queue(self.topic, passive=True)
-        return int(queue_.declaration_result.message_count or 0)
+        return await self.publisher.depth()
 
 
 class RedisPubsubLink(Link):
     kind = "redis-pubsub"
+    mode = "pubsub"
 
     def __init__(self, url: str = REDIS_URL) -> None:
         super().__init__()
         self.url = url
-        self._client: Redis | None = None
-
-    async def open(self) -> None:
-        self._client = Redis.from_url(self.url, socket_connect_timeout=5)
+        self.publisher = RedisPublisher(url, self.topic, self.mode, connect_timeout=5)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-
-    @property
-    def client(self) -> Redis:
-        assert self._client is not None
-        return self._client
+        await self.publisher.close()
 
     def table(self) -> str:
         return f'[redis]\nurl = "{self.url}"\ntopic = "{self.topic}"\n{COMMON}'
 
     async def publish(self, body: bytes) -> None:
-        await self.client.publish(self.topic, body)
+        await self.publisher.publish(body, None)
 
     async def ready(self) -> bool:
         # SUBSCRIBE is sent without waiting for its confirmation: make sure Redis took it.
-        subscribers: Any = await self.client.pubsub_numsub(self.topic)
+        subscribers: Any = await self.publisher.redis.pubsub_numsub(self.topic)
         return int(subscribers[0][1]) >= 1
 
     async def request(self, body: bytes, callback: str, timeout: float = 10.0) -> dict[str, Any]:
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(callback)
-        try:
-            await self.publish(body)
-            async with asyncio.timeout(timeout):
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        result: dict[str, Any] = json.loads(message["data"])
-                        return result
-        finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+        return await reply_of(self.publisher, body, callback, timeout)
 
 
 class RedisStreamLink(RedisPubsubLink):
     kind = "redis-stream"
+    mode = "stream"
     GROUP = "otpd"
 
-    def __init__(self, url: str = REDIS_URL) -> None:
-        super().__init__(url)
-        self.keys = [self.topic]
-
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.delete(*self.keys)
-        await super().close()
+        await self.publisher.delete()
 
     def table(self) -> str:
         return (super().table() + f'mode = "stream"\ngroup = "{self.GROUP}"\n'
                 'consumer = "pi-1"\nclaim_idle = 0.5\n')
 
-    async def publish(self, body: bytes) -> None:
-        await self.client.xadd(self.topic, {"message": body})
-
     async def ready(self) -> bool:
         return True
 
-    async def request(self, body: bytes, callback: str, timeout: float = 10.0) -> dict[str, Any]:
-        self.keys.append(callback)
-        await self.publish(body)
-        # Replies are XADDed to a stream named by the callback topic.
-        reply: Any = await self.client.xread({callback: "0"}, count=1,
-                                             block=int(timeout * 1000))
-        assert reply, f"no reply on stream {callback} within {timeout} s"
-        result: dict[str, Any] = json.loads(reply[0][1][0][1][b"message"])
-        return result
-
     async def leftovers(self) -> int:
-        groups: Any = await self.client.xinfo_groups(self.topic)
-        group = next(g for g in groups if g["name"] in (self.GROUP, self.GROUP.encode()))
-        # Handed out but not acknowledged, plus never handed out.
-        return int(group["pending"]) + int(group.get("lag") or 0)
-
-
-class Peer:
-    """A test-side paho client (the app / OTP-Publisher), received messages queued."""
-
-    def __init__(self, host: str = MQTT_HOST, port: int = MQTT_PORT, *,
-                 protocol: MQTTProtocolVersion = mqtt.MQTTv311,
-                 client_id: str | None = None, clean: bool = True) -> None:
-        self.protocol = protocol
-        self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.connected = threading.Event()
-        self.subscribed = threading.Event()
-        kwargs: dict[str, Any] = {}
-        if protocol != mqtt.MQTTv5:
-            kwargs["clean_session"] = clean
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=client_id or unique("peer"), protocol=protocol,
-                                  reconnect_on_failure=False, **kwargs)
-        self.client.on_connect = lambda *a: self.connected.set()
-        self.client.on_subscribe = lambda *a: self.subscribed.set()
-        self.client.on_message = lambda _c, _u, m: self.inbox.put(m)
-        self.host, self.port = host, port
-
-    def open(self) -> Peer:
-        self.client.connect(self.host, self.port, 30)
-        self.client.loop_start()
-        assert self.connected.wait(5), "peer did not connect"
-        return self
-
-    def subscribe(self, topic: str, qos: int = 1) -> None:
-        self.subscribed.clear()
-        self.client.subscribe(topic, qos)
-        assert self.subscribed.wait(5), "no SUBACK"
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0,
-                properties: Properties | None = None) -> bool:
-        """True once the broker acknowledged it (QoS 1: PUBACK) within 5 s."""
-        info = self.client.publish(topic, payload, qos=qos, properties=properties)
-        info.wait_for_publish(5)
-        return info.is_published()
-
-    async def next(self, timeout: float = 10.0) -> mqtt.MQTTMessage:
-        return await asyncio.to_thread(self.inbox.get, True, timeout)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def forget_session(host: str, port: int, client_id: str) -> None:
-    """Connect once with a clean session so the broker drops a persistent one."""
-    peer = Peer(host, port, client_id=client_id, clean=True)
-    try:
-        peer.open()
-    finally:
-        peer.close()
-
-
-def count_redelivered(host: str, port: int, client_id: str, settle: float = 0.5) -> int:
-    """Resume ``client_id``'s persistent session and count what the broker sends
-    (queued and unacknowledged messages), acknowledging nothing; then forget it."""
-    peer = Peer(host, port, client_id=client_id, clean=False)
-    peer.client.manual_ack_set(True)
-    try:
-        peer.open()
-        seen = 0
-        while True:
-            try:
-                peer.inbox.get(True, settle)
-            except queue.Empty:
-                return seen
-            seen += 1
-    finally:
-        peer.close()
-        forget_session(host, port, client_id)
+        return await self.publisher.leftovers(self.GROUP)
 
 
 class MqttLink(Link):
@@ -348,37 +193,30 @@ class MqttLink(Link):
                  topic: str | None = None) -> None:
         super().__init__(topic)
         self.host, self.port = host, port
-        self.client_id = client_id or unique("otpd")
+        self.client_id = client_id or unique("otpd")  # otpd's
         self.extra = extra
-        self._peer: Peer | None = None
+        self.publisher = MqttPublisher(host, port, connect_timeout=5)
         self._checked = False
 
-    async def open(self) -> None:
-        self._peer = await asyncio.to_thread(Peer(self.host, self.port).open)
+    async def hang_up(self) -> None:
+        """Close the application's connection (otpd's session stays)."""
+        await self.publisher.close()
 
     async def close(self) -> None:
-        if self._peer is not None:
-            await asyncio.to_thread(self._peer.close)
+        await self.hang_up()
         if not self._checked:
             await asyncio.to_thread(forget_session, self.host, self.port, self.client_id)
-
-    @property
-    def peer(self) -> Peer:
-        assert self._peer is not None
-        return self._peer
 
     def table(self) -> str:
         return (f'[mqtt]\nhost = "{self.host}"\nport = {self.port}\ntopic = "{self.topic}"\n'
                 f'client_id = "{self.client_id}"\n{COMMON}{self.extra}\n')
 
     async def publish(self, body: bytes) -> None:
-        assert await asyncio.to_thread(self.peer.publish, self.topic, body, 1), "no PUBACK"
+        # QoS 1: returns once the PUBACK came.
+        await self.publisher.transport(self.topic).publish(body, None)
 
     async def request(self, body: bytes, callback: str, timeout: float = 10.0) -> dict[str, Any]:
-        await asyncio.to_thread(self.peer.subscribe, callback)
-        await self.publish(body)
-        result: dict[str, Any] = json.loads((await self.peer.next(timeout)).payload)
-        return result
+        return await reply_of(self.publisher.transport(self.topic), body, callback, timeout)
 
     async def leftovers(self) -> int:
         self._checked = True
@@ -392,12 +230,15 @@ class WsLink(Link):
         super().__init__()
         self.users = users
         self._server: BrokerServer | None = None
+        self._publisher: WsPublisher | None = None
 
     async def open(self) -> None:
-        self._server = BrokerServer(BrokerConfig(htpasswd=self.users, port=0))
-        await self._server.start()
+        self._server = await start_ws_broker(self.users)
+        self._publisher = WsPublisher(self.port, APP_USER, APP_USER, self.topic)
 
     async def close(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.close()
         if self._server is not None:
             await self._server.stop()
 
@@ -406,23 +247,19 @@ class WsLink(Link):
         assert self._server is not None
         return self._server.port
 
+    @property
+    def publisher(self) -> WsPublisher:
+        assert self._publisher is not None
+        return self._publisher
+
     def table(self) -> str:
         # The test listens on the reply topic before publishing: no long floor needed.
         return (f'[ws]\nurl = "ws://127.0.0.1:{self.port}/ws"\nusername = "{OTPD_USER}"\n'
                 f'password = "{OTPD_PASSWORD}"\ntopic = "{self.topic}"\n'
                 f'reply_min_delay = 50\n{COMMON}')
 
-    def _connect(self, topic: str) -> connect:
-        # OTP-Publisher's WSClient sends "Basic user:user" (not base64).
-        return connect(f"ws://127.0.0.1:{self.port}/ws?topic={topic}",
-                       additional_headers={"Authorization": f"Basic {APP_USER}:{APP_USER}"},
-                       open_timeout=5)
-
     async def publish(self, body: bytes) -> None:
-        async with self._connect(self.topic) as ws:
-            # Text frames only (the broker closes on binary ones): bytes that are
-            # not UTF-8 arrive as U+FFFD, still not JSON.
-            await ws.send(body.decode("utf-8", "replace"))
+        await self.publisher.publish_raw(body)
 
     async def ready(self) -> bool:
         # The broker registers a client just after the handshake the consumer saw.
@@ -430,93 +267,34 @@ class WsLink(Link):
         return self._server.clients >= 1
 
     async def request(self, body: bytes, callback: str, timeout: float = 10.0) -> dict[str, Any]:
-        async with self._connect(callback) as ws:
-            await self.publish(body)
-            frame = await within(timeout, ws.recv())
-        result: dict[str, Any] = json.loads(frame)
-        return result
-
-
-def modem_table(port: Path) -> str:
-    return textwrap.dedent(f"""
-        [[modem]]
-        name = "sim1"
-        port = "{port}"
-        command_timeout = 1
-        prompt_timeout = 2
-        send_timeout = 2
-
-        [sms]
-        retry_delay = 0.2
-        probe_interval = 0.3
-    """)
-
-
-@dataclass
-class Node:
-    """A daemon (REST, SMTP to aiosmtpd, one simulated modem, one broker consumer)."""
-
-    run: Running
-    link: Link
-    sim: ModemSimulator
-    smtp: SmtpServer
-    stopped: bool = field(default=False)
-
-    @property
-    def consumer(self) -> Consumer:
-        (consumer,) = self.run.daemon.consumers
-        return consumer
-
-    def sms_to(self, number: str) -> list[SentMessage]:
-        return [m for m in self.sim.sent if m.receiver == number]
-
-    async def sms(self, number: str, timeout: float = 10.0) -> SentMessage:
-        found = await wait_until(lambda: self.sms_to(number), timeout, f"SMS to {number}")
-        message: SentMessage = found[0]
-        return message
-
-    def mails_to(self, address: str) -> list[Message]:
-        return [m for m in self.smtp.sink.messages if address in str(m.get("To", ""))]
-
-    async def mail(self, address: str, timeout: float = 10.0) -> Message:
-        found = await wait_until(lambda: self.mails_to(address), timeout, f"mail to {address}")
-        message: Message = found[0]
-        return message
-
-    async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await self.run.daemon.stop()
+        return await reply_of(self.publisher, body, callback, timeout)
 
 
 async def start_node(tmp_path: Path, link: Link, smtp: SmtpServer,
                      session: aiohttp.ClientSession, *, wait: float = 5,
-                     modem: bool = True) -> Node:
-    """Start the simulator and the daemon (which starts the consumer); return once
-    the consumer is connected and the modem ready."""
+                     modem: bool = True) -> Gateway:
+    """Start the simulator and the daemon (which starts the link's consumer); return
+    once the consumer is connected and the modem ready."""
     sim = ModemSimulator(tmp_path / "modem1", name="sim1", seed=1)
     if modem:
         await sim.start()
-    extra = (modem_table(tmp_path / "modem1") if modem else "") + "\n" + link.table()
-    config = write_config(tmp_path, extra, smtp_port=smtp.port, wait=wait)
+    modem_tables = modem_table("sim1", tmp_path / "modem1") + SMS_QUICK if modem else ""
+    config = write_config(tmp_path, modem_tables + "\n" + link.table(), smtp_port=smtp.port,
+                          wait=wait)
     try:
         run = await start_daemon(config, session)
     except BaseException:
         await sim.stop()
         raise
-    node = Node(run, link, sim, smtp)
+    node = Gateway(run, smtp, sim, link=link)
     try:
         await wait_until(lambda: node.consumer.connected, 10, f"{link.kind} consumer connected")
-        async with asyncio.timeout(10):
-            while not await link.ready():
-                await asyncio.sleep(0.02)
+        await wait_until(link.ready, 10, f"{link.kind} broker routing to otpd")
         if modem:
-            sms = run.daemon.engine.channels["sms"] if run.daemon.engine else None
-            assert sms is not None
-            await wait_until(lambda: any(m["state"] == "ready"
-                                         for m in sms.status()["modems"]), 10, "modem ready")
+            await modems_ready(run)
     except BaseException:
         await node.stop()
         await sim.stop()
         raise
     return node
+

@@ -14,8 +14,10 @@ from aio_pika.abc import AbstractConnection
 
 from otpd.aio import within
 from otpd.transports.amqp import AmqpConsumer
-from tests.conftest import wait_until
-from tests.transports.conftest import Gateway, command, otp_in, receiver, unique
+from tests.support.brokers import command, receiver, unique
+from tests.support.gateway import Gateway
+from tests.support.mail import otp_in
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.services
 
@@ -28,7 +30,7 @@ async def amqp(rabbit: str, gateway: Gateway) -> AsyncIterator[AbstractConnectio
     conn.created = created  # type: ignore[attr-defined]
     yield conn
     for consumer in list(gateway.consumers):  # before their queues go
-        await gateway.stop(consumer)
+        await gateway.stop_consumer(consumer)
     channel = await conn.channel()
     for name in created:
         try:
@@ -229,22 +231,12 @@ async def test_stop_lets_an_in_flight_command_finish(
         gateway: Gateway, amqp: AbstractConnection) -> None:
     topic = unique("amqp")
     consumer = await start(gateway, amqp, topic)
-    store = gateway.run.daemon.store
-    assert store is not None
-    real = store.insert_message
-    entered = asyncio.Event()
-
-    async def slow_insert(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        await asyncio.sleep(0.5)
-        return await real(*args, **kwargs)
-
-    store.insert_message = slow_insert  # type: ignore[method-assign]
+    entered = gateway.slow_store(0.5)
     to = receiver()
     await publish_like_php(amqp, topic, command(
         "send-email", {"receiver": to, "subject": "S", "message": "in flight"}))
     await within(10, entered.wait())
-    await gateway.stop(consumer)  # returns once the command is stored and acked
+    await gateway.stop_consumer(consumer)  # returns once the command is stored and acked
     assert not consumer.connected
     assert await queue_depth(amqp, topic) == 0
     await gateway.mail(to)
@@ -296,7 +288,7 @@ async def test_acknowledgements_coalesced_in_and_out_of_order(
     await wait_until(lambda: not consumer._inflight, 10, "all handled")
     # Stopping hands back whatever was not acknowledged: nothing may be left, and
     # a tag acknowledged twice would have closed the channel (an error).
-    await gateway.stop(consumer)
+    await gateway.stop_consumer(consumer)
     assert await queue_depth(amqp, topic) == 0
     status = consumer.status()
     assert status["errors"] == 0, status["last_error"]
@@ -319,6 +311,6 @@ async def test_handed_back_message_among_coalesced_acks_is_stored_once(
     assert sorted(str(m["Subject"]) for m in gateway.mails_to(to)) == sorted(
         f"n{i}" for i in range(30))
     assert gateway.insert_calls == 31  # one failure, redelivered, stored
-    await gateway.stop(consumer)
+    await gateway.stop_consumer(consumer)
     assert await queue_depth(amqp, topic) == 0
     assert consumer.status()["errors"] == 0, consumer.status()["last_error"]

@@ -13,8 +13,9 @@ from aio_pika.abc import AbstractConnection
 from redis.asyncio import Redis
 
 from otpd.wire.signing import sign
-from tests.conftest import wait_until
-from tests.transports.conftest import Gateway, command, receiver, unique
+from tests.support.brokers import command, receiver, unique
+from tests.support.gateway import Gateway
+from tests.support.waiting import wait_until
 from tests.transports.test_amqp import php_reply, publish_like_php
 from tests.transports.test_redis import php_request
 
@@ -31,7 +32,7 @@ async def both(rabbit: str, redis_url: str,
     redis = Redis.from_url(redis_url)
     yield conn, redis
     for consumer in list(gateway.consumers):
-        await gateway.stop(consumer)
+        await gateway.stop_consumer(consumer)
     channel = await conn.channel()
     for name in conn.created:  # type: ignore[attr-defined]
         await channel.queue_delete(name)

@@ -13,17 +13,19 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import MQTT_HOST, MQTT_PORT, SmtpServer, wait_until
-from tests.transports.conftest import body_text, command, otp_in, receiver, require_tcp, unique
+from tests.support.brokers import command, receiver, unique
+from tests.support.daemon import phone_number
+from tests.support.gateway import Gateway
+from tests.support.mail import SmtpServer, body_text, otp_in
+from tests.support.services import MQTT_HOST, MQTT_PORT, require_tcp
+from tests.support.waiting import wait_until
 from tests.transports.links import (
     AmqpLink,
     Link,
     MqttLink,
-    Node,
     RedisPubsubLink,
     RedisStreamLink,
     WsLink,
-    phone,
     start_node,
 )
 
@@ -49,7 +51,7 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def node(kind: str, users: Path, tmp_path: Path, smtp: SmtpServer,
-               session: aiohttp.ClientSession) -> AsyncIterator[Node]:
+               session: aiohttp.ClientSession) -> AsyncIterator[Gateway]:
     link = LINKS[kind][0](users)
     await link.open()
     try:
@@ -69,19 +71,19 @@ def sms_code(text: str) -> str:
     return match.group(1)
 
 
-async def test_sms_commands_and_otp_verified_through_the_callback_topic(node: Node) -> None:
+async def test_sms_commands_and_otp_verified_through_the_callback_topic(node: Gateway) -> None:
     link = node.link
-    local, number = phone()
+    local, number = phone_number()
     await link.publish(command("send-sms", {"id": 1, "receiver": local,
                                             "message": "Pesanan Anda dikirim"}))
     assert (await node.sms(number)).text == "Pesanan Anda dikirim"
 
-    local, number = phone()
+    local, number = phone_number()
     await link.publish(command("send-message", {"id": 2, "receiver": local, "subject": "",
                                                 "message": "send-message to a number"}))
     assert (await node.sms(number)).text == "send-message to a number"
 
-    local, number = phone()
+    local, number = phone_number()
     ref = unique("ref")
     params = {"param1": "100000", "param2": 42}
     reply = await link.ask("request-otp", {"receiver": local, "reference": ref,
@@ -107,7 +109,7 @@ async def test_sms_commands_and_otp_verified_through_the_callback_topic(node: No
     assert node.consumer.status()["received"] == 7
 
 
-async def test_email_commands_and_otp_by_email(node: Node) -> None:
+async def test_email_commands_and_otp_by_email(node: Gateway) -> None:
     link = node.link
     to = receiver()
     await link.publish(command("send-email", {"id": "e1", "receiver": to, "subject": "Invoice",
@@ -131,9 +133,9 @@ async def test_email_commands_and_otp_by_email(node: Node) -> None:
     assert not node.sim.sent
 
 
-async def test_block_and_unblock_msisdn(node: Node) -> None:
+async def test_block_and_unblock_msisdn(node: Gateway) -> None:
     link = node.link
-    local, number = phone()
+    local, number = phone_number()
     reply = await link.ask("block-msisdn", {"receiver": local})
     assert reply["command"] == "block-msisdn" and reply["response_code"] == "0000"
     refused = await link.ask("send-sms", {"id": 7, "receiver": number, "message": "blocked"})
@@ -150,7 +152,7 @@ async def test_block_and_unblock_msisdn(node: Node) -> None:
     assert [m.text for m in node.sms_to(number)] == ["free"]
 
 
-async def test_poison_messages_are_dropped_and_the_topic_keeps_flowing(node: Node) -> None:
+async def test_poison_messages_are_dropped_and_the_topic_keeps_flowing(node: Gateway) -> None:
     link = node.link
     await link.publish(b"\xff\xfe not json")
     await link.publish(b"[1, 2]")
@@ -162,7 +164,7 @@ async def test_poison_messages_are_dropped_and_the_topic_keeps_flowing(node: Nod
     invalid = await link.ask("request-otp", {"receiver": "08121111", "reference": "r"})
     assert invalid["response_code"] == "1300" and "data.message" in invalid["message"]
 
-    local, number = phone()
+    local, number = phone_number()
     await link.publish(command("send-sms", {"receiver": local, "message": "still flowing"}))
     assert (await node.sms(number)).text == "still flowing"
     status = node.consumer.status()

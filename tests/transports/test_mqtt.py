@@ -17,10 +17,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from otpd.transports.mqtt import MqttConsumer
-from tests.conftest import MQTT_HOST, MQTT_PORT, SmtpServer, wait_until
-from tests.transports.conftest import Gateway, command, otp_in, receiver, unique
-from tests.transports.links import MqttLink, Node, Peer, forget_session, start_node
-from tests.transports.servers import Process, own_mosquitto, self_signed
+from tests.support.brokers import command, receiver, unique
+from tests.support.gateway import Gateway
+from tests.support.mail import SmtpServer, otp_in
+from tests.support.mqtt_peer import Peer, forget_session
+from tests.support.processes import Process, own_mosquitto, self_signed
+from tests.support.services import MQTT_HOST, MQTT_PORT
+from tests.support.waiting import wait_until
+from tests.transports.links import MqttLink, start_node
 
 pytestmark = pytest.mark.services
 
@@ -39,7 +43,7 @@ async def mqtt_ids(mosquitto: tuple[str, int], gateway: Gateway) -> AsyncIterato
     ids: list[str] = []
     yield ids
     for consumer in list(gateway.consumers):
-        await gateway.stop(consumer)
+        await gateway.stop_consumer(consumer)
     for client_id in ids:
         await asyncio.to_thread(forget_session, *mosquitto, client_id)
 
@@ -99,7 +103,7 @@ async def test_persistent_session_keeps_messages_published_while_stopped(
     topic = unique("mqtt")
     client_id = unique("otpd")
     consumer = await start(gateway, mqtt_ids, topic, client_id=client_id)
-    await gateway.stop(consumer)
+    await gateway.stop_consumer(consumer)
     app = await open_peer(peers, mosquitto)
     to = receiver()
     await asyncio.to_thread(app.publish, topic, command(
@@ -202,11 +206,11 @@ class SharedNodes:
                  topic: str, group: str) -> None:
         self.tmp_path, self.smtp, self.session = tmp_path, smtp, session
         self.topic, self.group = topic, group
-        self.running: dict[str, Node] = {}
+        self.running: dict[str, Gateway] = {}
         self.links: dict[str, MqttLink] = {}
         self.client_ids: set[str] = set()
 
-    async def start(self, name: str) -> Node:
+    async def start(self, name: str) -> Gateway:
         link = MqttLink(topic=self.topic, client_id=f"{self.topic}-{name}",
                         extra=f'shared_group = "{self.group}"')
         self.client_ids.add(link.client_id)
@@ -222,7 +226,7 @@ class SharedNodes:
         node = self.running.pop(name)
         await node.stop()
         # Not link.close(), which would clear the node's session.
-        await asyncio.to_thread(self.links[name].peer.close)
+        await self.links[name].hang_up()
 
     async def close(self) -> None:
         for name in list(self.running):
@@ -236,13 +240,13 @@ def mail_counts(smtp: SmtpServer, address: str) -> Counter[str]:
                    if address in str(m.get("To", "")))
 
 
-async def publish_many(peer: Peer, topic: str, to: str, first: int, count: int) -> set[str]:
+async def publish_many(link: MqttLink, to: str, first: int, count: int) -> set[str]:
+    """QoS 1 publishes, each acknowledged by the broker (PUBACK)."""
     subjects = set()
     for i in range(first, first + count):
         subjects.add(f"s{i}")
-        assert await asyncio.to_thread(peer.publish, topic, command(
-            "send-email", {"id": i, "receiver": to, "subject": f"s{i}",
-                           "message": "shared"}), 1)
+        await link.publish(command("send-email", {"id": i, "receiver": to, "subject": f"s{i}",
+                                                  "message": "shared"}))
     return subjects
 
 
@@ -252,7 +256,7 @@ async def test_shared_group_nodes_receive_disjoint_sets(nodes: SharedNodes) -> N
     assert isinstance(a.consumer, MqttConsumer)
     assert a.consumer.settings.subscription == f"$share/{nodes.group}/{nodes.topic}"
     to = receiver()
-    sent = await publish_many(nodes.links["a"].peer, nodes.topic, to, 0, 30)
+    sent = await publish_many(nodes.links["a"], to, 0, 30)
     await wait_until(lambda: set(mail_counts(nodes.smtp, to)) == sent, 10, "all mailed")
     await asyncio.sleep(0.3)
     # Separate stores: a message handed to both nodes would be mailed twice.
@@ -266,7 +270,7 @@ async def test_shared_group_node_down_loses_nothing(nodes: SharedNodes) -> None:
     await nodes.start("b")
     await nodes.stop("b")
     to = receiver()
-    sent = await publish_many(nodes.links["a"].peer, nodes.topic, to, 0, 20)
+    sent = await publish_many(nodes.links["a"], to, 0, 20)
     # Whatever the broker assigned to b's session waits for b (Mosquitto 2.0
     # keeps its round robin over offline members): all is there once b is back.
     b = await nodes.start("b")

@@ -12,8 +12,10 @@ from redis.asyncio import Redis
 
 from otpd.aio import within
 from otpd.transports.redis import RedisConsumer
-from tests.conftest import wait_until
-from tests.transports.conftest import Gateway, command, otp_in, receiver, unique
+from tests.support.brokers import command, receiver, unique
+from tests.support.gateway import Gateway
+from tests.support.mail import otp_in
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.services
 
@@ -25,7 +27,7 @@ async def redis(redis_url: str, gateway: Gateway) -> AsyncIterator[Redis]:
     client.test_keys = keys  # type: ignore[attr-defined]
     yield client
     for consumer in list(gateway.consumers):
-        await gateway.stop(consumer)
+        await gateway.stop_consumer(consumer)
     if keys:
         await client.delete(*keys)
     await client.aclose()
@@ -141,7 +143,7 @@ async def test_stream_entry_added_while_down_is_consumed_after_start(
     topic = unique("stream")
     redis.test_keys.append(topic)  # type: ignore[attr-defined]
     consumer = await start(gateway, topic, STREAM)
-    await gateway.stop(consumer)
+    await gateway.stop_consumer(consumer)
     to = receiver()
     await redis.xadd(topic, {"message": command(
         "send-message", {"id": 77, "receiver": to, "subject": "", "message": "offline"})})
@@ -229,7 +231,7 @@ async def test_acl_user_and_password(gateway: Gateway, redis: Redis) -> None:
         bad = await gateway.start(config(topic, f'username = "{user}"\npassword = "nope"'))
         await wait_until(lambda: bad[0].status()["errors"] >= 1, 10, "auth failure seen")
         assert not bad[0].connected and "nope" not in bad[0].status()["last_error"]
-        await gateway.stop(bad[0])
+        await gateway.stop_consumer(bad[0])
 
         consumer = await start(gateway, topic, f'username = "{user}"\npassword = "{password}"')
         clients = await redis.client_list()
@@ -238,7 +240,7 @@ async def test_acl_user_and_password(gateway: Gateway, redis: Redis) -> None:
         await redis.publish(topic, command(
             "send-email", {"receiver": to, "subject": "S", "message": "acl"}))
         await gateway.mail(to)
-        await gateway.stop(consumer)
+        await gateway.stop_consumer(consumer)
     finally:
         await redis.acl_deluser(user)
 
@@ -248,22 +250,12 @@ async def test_stream_stop_acknowledges_what_is_in_flight(
     topic = unique("stream")
     redis.test_keys.append(topic)  # type: ignore[attr-defined]
     consumer = await start(gateway, topic, STREAM)
-    store = gateway.run.daemon.store
-    assert store is not None
-    real = store.insert_message
-    entered = asyncio.Event()
-
-    async def slow_insert(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        await asyncio.sleep(0.5)
-        return await real(*args, **kwargs)
-
-    store.insert_message = slow_insert  # type: ignore[method-assign]
+    entered = gateway.slow_store(0.5)
     to = receiver()
     await redis.xadd(topic, {"message": command(
         "send-email", {"id": "f1", "receiver": to, "subject": "S", "message": "in flight"})})
     await within(10, entered.wait())
-    await gateway.stop(consumer)  # returns once the command is stored and XACKed
+    await gateway.stop_consumer(consumer)  # returns once the command is stored and XACKed
     assert await pending(redis, topic) == 0
     await gateway.mail(to)
 

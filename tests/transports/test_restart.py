@@ -26,28 +26,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
-import socket
 import subprocess
-import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aio_pika
 import aiohttp
-import paho.mqtt.client as mqtt
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractConnection, DeliveryMode
-from paho.mqtt.enums import CallbackAPIVersion
-from redis.asyncio import Redis
 
 from otpd.aio import within
-from tests.conftest import RABBIT_URL, SmtpServer, free_port, wait_until
-from tests.transports.conftest import command, receiver, require_tcp
-from tests.transports.links import AmqpLink, Link, MqttLink, Node, RedisStreamLink, start_node
-from tests.transports.servers import Process, own_mosquitto, own_server
+from tests.support import processes
+from tests.support.brokers import command, receiver
+from tests.support.gateway import Gateway
+from tests.support.mail import SmtpServer
+from tests.support.processes import Process, own_mosquitto
+from tests.support.publishers import AmqpPublisher, MqttPublisher, RedisPublisher
+from tests.support.services import RABBIT_URL, port_open, require_tcp
+from tests.support.waiting import wait_until
+from tests.transports.links import AmqpLink, Link, MqttLink, RedisStreamLink, start_node
 
 pytestmark = pytest.mark.services
 
@@ -56,7 +55,7 @@ PUBLISH_INTERVAL = 0.01  # s between two confirmed publishes
 MIN_BEFORE, MIN_AFTER = 40, 40  # confirmed publishes before the outage and after it
 
 
-Starter = Callable[[Link], Awaitable[Node]]
+Starter = Callable[[Link], Awaitable[Gateway]]
 
 
 def body(i: int) -> bytes:
@@ -97,7 +96,7 @@ class Traffic:
                          f"{count} confirmed publishes")
 
 
-async def across_restart(node: Node, traffic: Traffic,
+async def across_restart(node: Gateway, traffic: Traffic,
                          restart: Callable[[], Awaitable[None]]) -> None:
     """Publish, restart the broker mid-stream, publish on; then check the mail."""
     task = asyncio.create_task(traffic.run())
@@ -131,9 +130,9 @@ async def across_restart(node: Node, traffic: Traffic,
 @pytest.fixture
 async def started(tmp_path: Path, smtp: SmtpServer,
                   session: aiohttp.ClientSession) -> AsyncIterator[Starter]:
-    nodes: list[Node] = []
+    nodes: list[Gateway] = []
 
-    async def start(link: Link) -> Node:
+    async def start(link: Link) -> Gateway:
         await link.open()
         nodes.append(await start_node(tmp_path, link, smtp, session, modem=False))
         return nodes[-1]
@@ -154,11 +153,7 @@ def rabbitmqctl(*args: str, timeout: float = 120) -> None:
 
 
 def rabbit_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
+    return port_open("127.0.0.1", 5672, 1)
 
 
 async def test_rabbitmq_restart_loses_no_confirmed_message(
@@ -167,26 +162,9 @@ async def test_rabbitmq_restart_loses_no_confirmed_message(
     await asyncio.to_thread(require_tcp, "RabbitMQ", "127.0.0.1", 5672)
     link = AmqpLink()
     node = await started(link)
-    conn: AbstractConnection | None = None
-    channel: AbstractChannel | None = None
-
-    async def publish(payload: bytes) -> bool:
-        nonlocal conn, channel
-        if conn is None or conn.is_closed or channel is None or channel.is_closed:
-            conn = await aio_pika.connect(RABBIT_URL, timeout=2)
-            channel = await conn.channel(publisher_confirms=True)
-        # Persistent, mandatory (an unroutable message is returned, not confirmed):
-        # the broker's ack means the message is on disk in the durable queue.
-        await channel.default_exchange.publish(
-            aio_pika.Message(payload, delivery_mode=DeliveryMode.PERSISTENT),
-            routing_key=link.topic, mandatory=True)
-        return True
-
-    async def reset() -> None:
-        nonlocal conn
-        old, conn = conn, None
-        if old is not None:
-            await within(2, old.close())
+    # Persistent, mandatory (an unroutable message is returned, not confirmed):
+    # the broker's ack means the message is on disk in the durable queue.
+    publisher = AmqpPublisher(RABBIT_URL, link.topic, connect_timeout=2)
 
     async def restart() -> None:
         stopped = False
@@ -203,9 +181,9 @@ async def test_rabbitmq_restart_loses_no_confirmed_message(
         await wait_until(rabbit_up, 30, "RabbitMQ listening again")
 
     try:
-        await across_restart(node, Traffic(publish, reset), restart)
+        await across_restart(node, Traffic(publisher.confirmed, publisher.close), restart)
     finally:
-        await reset()
+        await publisher.close()
 
 
 # -- Redis stream ----------------------------------------------------------------------
@@ -213,37 +191,24 @@ async def test_rabbitmq_restart_loses_no_confirmed_message(
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[Process]:
-    port = free_port()
-    data = tmp_path / "redis"
-    data.mkdir()
-    # appendfsync always: an entry is on disk before XADD returns its id.
-    yield from own_server("redis-server", [
-        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-        "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data)],
-        port, tmp_path / "redis.log")
+    yield from processes.own_redis(tmp_path)
 
 
 async def test_redis_stream_server_killed_loses_no_added_entry(
         own_redis: Process, started: Starter) -> None:
     url = f"redis://127.0.0.1:{own_redis.port}/0"
     node = await started(RedisStreamLink(url))
-    client = Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
-
-    async def publish(payload: bytes) -> bool:
-        entry_id = await client.xadd(node.link.topic, {"message": payload})
-        return bool(entry_id)
-
-    async def reset() -> None:
-        await client.connection_pool.disconnect()
+    # Confirmed by the entry id the XADD returns.
+    publisher = RedisPublisher(url, node.link.topic, "stream", connect_timeout=1)
 
     async def restart() -> None:
         await own_redis.restart(signal.SIGKILL)
 
     try:
-        await across_restart(node, Traffic(publish, reset), restart)
+        await across_restart(node, Traffic(publisher.confirmed, publisher.close), restart)
         assert await node.link.leftovers() == 0  # every entry acknowledged
     finally:
-        await client.aclose()
+        await publisher.close()
 
 
 # -- MQTT ----------------------------------------------------------------------------
@@ -254,56 +219,16 @@ def mosquitto_server(tmp_path: Path) -> Iterator[Process]:
     yield from own_mosquitto(tmp_path)
 
 
-class QoS1Publisher:
-    """paho in its own thread: publish at QoS 1 and wait for the PUBACK."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.client: mqtt.Client | None = None
-        self.lock = threading.Lock()
-
-    def _connect(self) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, reconnect_on_failure=False)
-        up = threading.Event()
-        client.on_connect = lambda *_a: up.set()
-        client.connect("127.0.0.1", self.port, 30)
-        client.loop_start()
-        if not up.wait(2):
-            client.loop_stop()
-            raise ConnectionError("no CONNACK")
-        return client
-
-    def publish(self, topic: str, payload: bytes) -> bool:
-        with self.lock:
-            if self.client is None:
-                self.client = self._connect()
-            info = self.client.publish(topic, payload, qos=1)
-            info.wait_for_publish(2)
-            return info.is_published()
-
-    def reset(self) -> None:
-        with self.lock:
-            client, self.client = self.client, None
-        if client is not None:
-            client.disconnect()
-            client.loop_stop()
-
-
 async def test_mosquitto_restart_loses_no_acknowledged_publish(
         mosquitto_server: Process, started: Starter) -> None:
     node = await started(MqttLink("127.0.0.1", mosquitto_server.port))
-    publisher = QoS1Publisher(mosquitto_server.port)
-
-    async def publish(payload: bytes) -> bool:
-        return await asyncio.to_thread(publisher.publish, node.link.topic, payload)
-
-    async def reset() -> None:
-        await asyncio.to_thread(publisher.reset)
+    publisher = MqttPublisher("127.0.0.1", mosquitto_server.port)  # confirmed by PUBACK
 
     async def restart() -> None:
         await mosquitto_server.restart(signal.SIGTERM)
 
     try:
-        await across_restart(node, Traffic(publish, reset), restart)
+        await across_restart(node, Traffic(functools.partial(publisher.confirmed, node.link.topic),
+                                           publisher.close), restart)
     finally:
-        await reset()
+        await publisher.close()

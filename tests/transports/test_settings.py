@@ -10,7 +10,7 @@ from otpd.aio import backoff_delay
 from otpd.netutil import safe_url
 from otpd.settings_reader import ConfigError
 from otpd.transports.consumer import loose_callback
-from tests.transports.conftest import broker_settings
+from tests.support.brokers import broker_settings
 
 
 def test_defaults_and_presence_enables() -> None:

@@ -14,18 +14,11 @@ from otpd.aio import within
 from otpd.broker import BrokerConfig, BrokerServer
 from otpd.transports.ws import WsConsumer
 from otpd.wire.brokers import topic_url
-from tests.conftest import wait_until
-from tests.transports.conftest import (
-    APP_USER,
-    OTPD_PASSWORD,
-    OTPD_USER,
-    Gateway,
-    command,
-    otp_in,
-    receiver,
-    unique,
-)
-from tests.transports.servers import self_signed
+from tests.support.brokers import APP_USER, OTPD_PASSWORD, OTPD_USER, command, receiver, unique
+from tests.support.gateway import Gateway
+from tests.support.mail import otp_in
+from tests.support.processes import self_signed
+from tests.support.waiting import wait_until
 
 
 def config(port: int, topic: str, extra: str = "") -> str:
@@ -114,7 +107,7 @@ async def test_malformed_and_oversize_dropped_then_broker_restart_reconnects(
             "send-email", {"receiver": to, "subject": "S", "message": "after restart"}))
         await gateway.mail(to)
     finally:
-        await gateway.stop(consumer)
+        await gateway.stop_consumer(consumer)
         await restarted.stop()
 
 
@@ -143,7 +136,7 @@ async def test_wss_with_a_private_ca(gateway: Gateway, users: Path, tmp_path: Pa
             config(server.port, unique("wss")).replace("ws://", "wss://"))
         await wait_until(lambda: untrusted.status()["errors"] >= 1, 10, "TLS refusal")
         assert not untrusted.connected and "CERTIFICATE" in untrusted.status()["last_error"]
-        await gateway.stop(untrusted)
+        await gateway.stop_consumer(untrusted)
         to = receiver()
         async with connect(f"wss://127.0.0.1:{server.port}/ws?topic={topic}",
                            additional_headers={"Authorization": f"Basic {APP_USER}:{APP_USER}"},
@@ -151,6 +144,6 @@ async def test_wss_with_a_private_ca(gateway: Gateway, users: Path, tmp_path: Pa
             await ws.send(command("send-email", {"receiver": to, "subject": "S",
                                                  "message": "over tls"}).decode())
         await gateway.mail(to)
-        await gateway.stop(consumer)
+        await gateway.stop_consumer(consumer)
     finally:
         await server.stop()

@@ -116,12 +116,3 @@ class FakeSource:
             if done.id == job.id and not isinstance(outcome, Retry):
                 return outcome
         return None
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    """Wait until ``check()`` is true (polling), or fail the test."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.01)

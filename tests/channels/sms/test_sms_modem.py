@@ -16,8 +16,9 @@ from otpd.channels.sms.modem import AtTimeout, Modem, PinError, PortError, SendE
 from otpd.channels.sms.pdu import MessageTooLong
 from otpd.channels.sms.profiles import PROFILES
 from otpd.channels.sms.simulator import ModemSimulator
+from tests.support.waiting import wait_until as eventually
 
-from .conftest import eventually, fast_settings
+from .conftest import fast_settings
 
 RECEIVER = "+628126666666"
 Sims = Callable[..., Any]

@@ -18,8 +18,9 @@ from otpd.delivery.channel import Delivered, Failed, Job, Outcome, Retry
 from otpd.msisdn import mask
 from otpd.settings_reader import Section
 from otpd.wire.codes import Code
+from tests.support.waiting import wait_until as eventually
 
-from .conftest import FakeSource, eventually, fast_settings
+from .conftest import FakeSource, fast_settings
 
 Sims = Callable[..., Any]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import os
 import signal
 import socket
 import subprocess
@@ -13,9 +12,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import free_port, services_required
+from tests.support.daemon import free_port
+from tests.support.services import require_binary
 
 
 class Process:
@@ -52,12 +50,8 @@ class Process:
 
 
 def own_server(binary: str, argv: list[str], port: int, log: Path) -> Iterator[Process]:
-    if not any(os.access(Path(d) / binary, os.X_OK)
-               for d in os.environ.get("PATH", "").split(os.pathsep)):
-        message = f"{binary} not installed"
-        if services_required():
-            pytest.fail(message)
-        pytest.skip(message)
+    """Start ``argv`` (skip-or-fail without ``binary``); SIGKILL it at the end."""
+    require_binary(binary)
     process = Process(argv, port, log)
     process.start()
     try:
@@ -66,9 +60,22 @@ def own_server(binary: str, argv: list[str], port: int, log: Path) -> Iterator[P
         process.stop(signal.SIGKILL)
 
 
+def own_redis(tmp_path: Path) -> Iterator[Process]:
+    """A private redis-server; appendfsync always: an entry is on disk before XADD
+    returns its id, so a confirmed entry survives even a SIGKILL of the server."""
+    port = free_port()
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    yield from own_server("redis-server", [
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data)],
+        port, tmp_path / "redis.log")
+
+
 def mosquitto_conf(tmp_path: Path, port: int, extra: str = "") -> Path:
-    """A private Mosquitto: anonymous, persistent sessions kept in tmp_path."""
-    data = tmp_path / "mosquitto"
+    """A private Mosquitto: anonymous, persistent sessions kept in tmp_path (written
+    on SIGTERM and every second), no limit on queued messages."""
+    data = tmp_path / "mosquitto-data"
     data.mkdir(exist_ok=True)
     conf = tmp_path / "mosquitto.conf"
     # Started as root, Mosquitto switches to the user "mosquitto", which could not
