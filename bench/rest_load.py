@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from otpd.auth.htpasswd import set_user  # noqa: E402
 from tests.support.daemon import core_tables, free_port  # noqa: E402
+from tests.support.waiting import wait_until  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-password"
 OTP_LINES = "max_attempts = 100\nmax_lifetime = 3600\ndefault_lifetime = 3600"
@@ -53,14 +54,15 @@ def spawn(*args: str) -> subprocess.Popen[bytes]:
 
 
 async def wait_listening(url: str) -> None:
-    for _ in range(200):
+    async def answers() -> bool:
         try:
             async with aiohttp.ClientSession() as s, s.post(url, data=b"{}") as r:
                 await r.read()
-                return
+                return True
         except aiohttp.ClientError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
+            return False
+
+    await wait_until(answers, 10, f"{url} to answer", interval=0.05)
 
 
 async def echo_server(port: int) -> web.AppRunner:

@@ -5,11 +5,7 @@ its expiration, and a resend happens only where the kill may have landed mid-sen
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +15,7 @@ import aiohttp
 
 from tests.support.daemon import Client, free_port, write_config
 from tests.support.mail import SmtpServer
+from tests.support.processes import DaemonProcess
 
 
 class SlowSink:
@@ -36,27 +33,6 @@ class SlowSink:
         return "250 OK"
 
 
-def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as stderr:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "otpd", "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ},
-        )
-
-
-async def wait_ready(client: Client) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            status, _ = await client.call("echo", {})
-            if status == 200:
-                return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("daemon did not become ready")
-
-
 async def test_sigkill_loses_nothing(tmp_path: Path, session: aiohttp.ClientSession) -> None:
     sink = SlowSink()
     smtp = SmtpServer(sink, free_port())  # type: ignore[arg-type]
@@ -64,12 +40,13 @@ async def test_sigkill_loses_nothing(tmp_path: Path, session: aiohttp.ClientSess
     port = free_port()
     config = write_config(tmp_path, smtp_port=smtp.port, wait=0, rest_port=port)
     log = tmp_path / "otpd.log"
-    client = Client(session, f"http://127.0.0.1:{port}")
+    daemon = DaemonProcess(config, log, Client(session, f"http://127.0.0.1:{port}"))
+    client = daemon.client
     accepted: dict[str, float] = {}  # id -> expiration
     try:
         for round_no in range(4):
-            proc = start(config, log)
-            await wait_ready(client)
+            daemon.start()
+            await daemon.wait_ready(20)
 
             async def send(i: int, round_no: int = round_no) -> None:
                 mid = f"{round_no}-{i}"
@@ -86,12 +63,11 @@ async def test_sigkill_loses_nothing(tmp_path: Path, session: aiohttp.ClientSess
 
             tasks = [asyncio.create_task(send(i)) for i in range(40)]
             await asyncio.sleep(0.15 + 0.1 * round_no)
-            proc.send_signal(signal.SIGKILL)
+            daemon.kill()
             await asyncio.gather(*tasks)
-            proc.wait()
             await asyncio.sleep(2.5)  # down long enough for the short-lived ones to expire
-        proc = start(config, log)
-        await wait_ready(client)
+        daemon.start()
+        await daemon.wait_ready(20)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             got = {mid for mid, _ in sink.received}
@@ -99,8 +75,7 @@ async def test_sigkill_loses_nothing(tmp_path: Path, session: aiohttp.ClientSess
             if live <= got:
                 break
             await asyncio.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0  # clean stop on SIGTERM
+        assert daemon.terminate(15) == 0  # clean stop on SIGTERM
     finally:
         smtp.stop()
 

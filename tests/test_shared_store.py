@@ -26,22 +26,9 @@ from otpd.store import (
 from otpd.store.redis_state import RedisSharedStore
 from tests.support.daemon import start_daemon, write_config
 from tests.support.mail import SmtpServer
-from tests.support.services import REDIS_URL, services_required
+from tests.support.services import REDIS_URL, require_redis
 
 T0 = time.time()  # Redis TTLs are real time: records live around now
-
-
-async def redis_or_skip() -> None:
-    client = Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        await client.ping()
-    except Exception as exc:
-        message = f"Redis not reachable on 127.0.0.1:6379: {exc}"
-        if services_required():
-            pytest.fail(message)
-        pytest.skip(message)
-    finally:
-        await client.aclose()
 
 
 async def drop_prefix(prefix: str) -> None:
@@ -59,7 +46,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield s
         await s.close()
         return
-    await redis_or_skip()
+    await require_redis()
     prefix = f"otpd-test-{uuid.uuid4().hex}:"
     s = await RedisSharedStore.open(tmp_path / "otpd.db", REDIS_URL, prefix, 3600, 86400)
     yield s
@@ -159,7 +146,7 @@ async def test_rate_limits_sliding_all_or_nothing(store: Store) -> None:
 
 async def test_two_nodes_share_otps_and_ids(tmp_path: Path, smtp: SmtpServer,
                                            session: aiohttp.ClientSession) -> None:
-    await redis_or_skip()
+    await require_redis()
     prefix = f"otpd-test-{uuid.uuid4().hex}:"
     extra = f"""
         [store]

@@ -1,29 +1,20 @@
 """Helpers of the fault-injection suite.
 
-* the daemon as a subprocess (``python -m otpd run``), to SIGKILL it;
 * its control socket's status and its outbox, read from outside;
 * a daemon consuming all four brokers (the tables and their unique topics).
 
 Receivers noting each message's tag and arrival (``tests.support.mail``), the
 publishers counting a message as accepted only once the broker confirmed it
 (``tests.support.publishers``) and the brokers' processes
-(``tests.support.processes``) are shared with the other suites.
+and the daemon as a subprocess (``tests.support.processes``) are shared with the other suites.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import aiohttp
 
 from otpd.app import control
 from otpd.broker import BrokerServer
@@ -35,70 +26,12 @@ from tests.support.brokers import (
     start_ws_broker,
     unique,
 )
-from tests.support.daemon import Client, modem_table
+from tests.support.daemon import modem_table
 
 
 def modem(name: str, port: Path, prefixes: str = "[]") -> str:
     """A [[modem]] table for a simulated modem, with a 1 s prompt timeout."""
     return modem_table(name, port, prefixes, prompt_timeout=1)
-
-
-class DaemonProcess:
-    """``python -m otpd run`` with its stderr appended to one log across restarts."""
-
-    def __init__(self, config: Path, log: Path, client: Client,
-                 env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.log = log
-        self.client = client
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        with self.log.open("ab") as stderr:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "otpd", "run", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL, stderr=stderr, env=self.env or dict(os.environ),
-            )
-        self.starts += 1
-
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until REST answers ``echo`` (the store is open and the engine started)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"otpd exited with {self.proc.returncode}:\n"
-                                     + self.log_text()[-3000:])
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                status, _ = await self.client.call("echo", {})
-                if status == 200:
-                    return
-            await asyncio.sleep(0.05)
-        raise AssertionError("otpd did not become ready:\n" + self.log_text()[-3000:])
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM; returns the exit status (SIGKILL and -9 after ``timeout``)."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return -9
-        return self.proc.returncode
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 async def daemon_status(socket_path: Path) -> dict[str, Any]:

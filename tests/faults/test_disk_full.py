@@ -22,9 +22,10 @@ import aiohttp
 import pytest
 
 from otpd.aio import within
-from tests.faults.helpers import DaemonProcess, outbox
+from tests.faults.helpers import outbox
 from tests.support.daemon import Client, free_port, write_config
 from tests.support.mail import SmtpServer, SmtpSink, tagged
+from tests.support.processes import DaemonProcess
 from tests.support.services import service_unreachable
 from tests.support.waiting import wait_until
 

@@ -47,7 +47,6 @@ import pytest
 from otpd.channels.sms.simulator import ModemSimulator
 from tests.faults.helpers import (
     BrokerTopics,
-    DaemonProcess,
     broker_tables,
     daemon_status,
     modem,
@@ -58,6 +57,7 @@ from tests.support.brokers import APP_USER, command
 from tests.support.daemon import SMS_FAST, Client, free_port, write_config
 from tests.support.mail import Receipt, SmtpServer, SmtpSink, tag_of, tagged
 from tests.support.mqtt_peer import forget_session
+from tests.support.processes import DaemonProcess
 from tests.support.publishers import AmqpPublisher, MqttPublisher, RedisPublisher, ws_request
 from tests.support.waiting import wait_until
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -26,6 +26,8 @@ from tests.support.client_config import client_toml
 from tests.support.daemon import Running, start_daemon
 from tests.support.mail import SmtpServer, SmtpSink, tag_of
 from tests.support.waiting import wait_until
+
+C = TypeVar("C", bound=Consumer)
 
 
 class FakeClock:
@@ -128,6 +130,13 @@ class Gateway:
             await consumer.start()
         self.consumers.extend(started)
         return started
+
+    async def start_one(self, toml: str, kind: type[C]) -> C:
+        """Start the one consumer of ``toml`` (of class ``kind``); return once connected."""
+        (consumer,) = await self.start(toml)
+        assert isinstance(consumer, kind)
+        await wait_until(lambda: consumer.connected, 10, f"{kind.__name__} connected")
+        return consumer
 
     async def stop_consumer(self, consumer: Consumer) -> None:
         await consumer.stop()

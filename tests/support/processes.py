@@ -1,19 +1,83 @@
-"""Broker processes of a test's own (Redis, Mosquitto) on spare ports, and a
-self-signed certificate for TLS listeners on 127.0.0.1."""
+"""Processes of a test's own: the daemon (``python -m otpd run``, to SIGKILL it),
+brokers (Redis, Mosquitto) on spare ports; and a self-signed certificate for
+TLS listeners on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support.daemon import free_port
+import aiohttp
+
+from tests.support.daemon import Client, free_port
 from tests.support.services import require_binary
+
+
+class DaemonProcess:
+    """``python -m otpd run`` with its stderr appended to one log across restarts."""
+
+    def __init__(self, config: Path, log: Path, client: Client,
+                 env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.client = client
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        with self.log.open("ab") as stderr:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "otpd", "run", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL, stderr=stderr, env=self.env or dict(os.environ),
+            )
+        self.starts += 1
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until REST answers ``echo`` (the store is open and the engine started)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"otpd exited with {self.proc.returncode}:\n"
+                                     + self.log_text()[-3000:])
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                status, _ = await self.client.call("echo", {})
+                if status == 200:
+                    return
+            await asyncio.sleep(0.05)
+        raise AssertionError("otpd did not become ready:\n" + self.log_text()[-3000:])
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM; returns the exit status (SIGKILL and -9 after ``timeout``)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return -9
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 class Process:

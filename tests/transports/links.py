@@ -23,6 +23,7 @@ from otpd.channels.sms.simulator import ModemSimulator
 from otpd.client.transports.base import Transport
 from tests.support.brokers import (
     APP_USER,
+    BROKER_FAST,
     OTPD_PASSWORD,
     OTPD_USER,
     command,
@@ -39,12 +40,7 @@ from tests.support.waiting import wait_until
 
 # Fast reconnects, so that restarts and kills are noticed and healed quickly; a
 # max_message below every broker's own limit, so that otpd is the one refusing.
-COMMON = """
-reconnect_min = 0.1
-reconnect_max = 0.5
-retry_delay = 0.1
-max_message = 8192
-"""
+COMMON = BROKER_FAST + "max_message = 8192\n"
 
 
 class Link(ABC):

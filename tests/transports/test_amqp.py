@@ -14,9 +14,10 @@ from aio_pika.abc import AbstractConnection
 
 from otpd.aio import within
 from otpd.transports.amqp import AmqpConsumer
-from tests.support.brokers import command, receiver, unique
+from tests.support.brokers import BROKER_FAST, command, receiver, unique
 from tests.support.gateway import Gateway
 from tests.support.mail import otp_in
+from tests.support.services import RABBIT_URL
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.services
@@ -43,22 +44,16 @@ async def amqp(rabbit: str, gateway: Gateway) -> AsyncIterator[AbstractConnectio
 def config(topic: str, extra: str = "") -> str:
     return f"""
 [amqp]
-url = "amqp://guest:guest@127.0.0.1:5672/"
+url = "{RABBIT_URL}"
 topic = "{topic}"
-reconnect_min = 0.1
-reconnect_max = 0.5
-retry_delay = 0.1
-{extra}
+{BROKER_FAST}{extra}
 """
 
 
 async def start(gw: Gateway, conn: AbstractConnection, topic: str,
                 extra: str = "") -> AmqpConsumer:
     conn.created.append(topic)  # type: ignore[attr-defined]
-    (consumer,) = await gw.start(config(topic, extra))
-    assert isinstance(consumer, AmqpConsumer)
-    await wait_until(lambda: consumer.connected, 10, "AMQP consumer connected")
-    return consumer
+    return await gw.start_one(config(topic, extra), AmqpConsumer)
 
 
 async def publish_like_php(conn: AbstractConnection, topic: str, body: bytes) -> None:

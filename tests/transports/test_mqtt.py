@@ -17,7 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from otpd.transports.mqtt import MqttConsumer
-from tests.support.brokers import command, receiver, unique
+from tests.support.brokers import BROKER_FAST, command, receiver, unique
 from tests.support.gateway import Gateway
 from tests.support.mail import SmtpServer, otp_in
 from tests.support.mqtt_peer import Peer, forget_session
@@ -60,20 +60,14 @@ async def start(gw: Gateway, ids: list[str], topic: str, extra: str = "",
     client_id = client_id or unique("otpd")
     if client_id not in ids:
         ids.append(client_id)
-    (consumer,) = await gw.start(f"""
+    return await gw.start_one(f"""
 [mqtt]
-host = "127.0.0.1"
-port = 1883
+host = "{MQTT_HOST}"
+port = {MQTT_PORT}
 topic = "{topic}"
 client_id = "{client_id}"
-reconnect_min = 0.1
-reconnect_max = 0.5
-retry_delay = 0.1
-{extra}
-""")
-    assert isinstance(consumer, MqttConsumer)
-    await wait_until(lambda: consumer.connected, 10, "MQTT consumer connected")
-    return consumer
+{BROKER_FAST}{extra}
+""", MqttConsumer)
 
 
 async def test_php_publisher_qos0_mqtt31_request_and_verify_with_reply(

@@ -12,9 +12,10 @@ from redis.asyncio import Redis
 
 from otpd.aio import within
 from otpd.transports.redis import RedisConsumer
-from tests.support.brokers import command, receiver, unique
+from tests.support.brokers import BROKER_FAST, command, receiver, unique
 from tests.support.gateway import Gateway
 from tests.support.mail import otp_in
+from tests.support.services import REDIS_URL
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.services
@@ -36,20 +37,14 @@ async def redis(redis_url: str, gateway: Gateway) -> AsyncIterator[Redis]:
 def config(topic: str, extra: str = "") -> str:
     return f"""
 [redis]
-url = "redis://127.0.0.1:6379/0"
+url = "{REDIS_URL}"
 topic = "{topic}"
-reconnect_min = 0.1
-reconnect_max = 0.5
-retry_delay = 0.1
-{extra}
+{BROKER_FAST}{extra}
 """
 
 
 async def start(gw: Gateway, topic: str, extra: str = "") -> RedisConsumer:
-    (consumer,) = await gw.start(config(topic, extra))
-    assert isinstance(consumer, RedisConsumer)
-    await wait_until(lambda: consumer.connected, 10, "Redis consumer connected")
-    return consumer
+    return await gw.start_one(config(topic, extra), RedisConsumer)
 
 
 async def php_request(redis: Redis, topic: str, body: bytes, callback: str,

@@ -35,10 +35,7 @@ reconnect_max = 0.5
 
 
 async def start(gw: Gateway, port: int, topic: str, extra: str = "") -> WsConsumer:
-    (consumer,) = await gw.start(config(port, topic, extra))
-    assert isinstance(consumer, WsConsumer)
-    await wait_until(lambda: consumer.connected, 10, "WS consumer connected")
-    return consumer
+    return await gw.start_one(config(port, topic, extra), WsConsumer)
 
 
 def php_connect(port: int, topic: str) -> connect:
