@@ -185,12 +185,18 @@ class RedisConsumer(Consumer):
                 continue
             try:
                 await client.xack(topic, group, *(entry_id for entry_id, _ in batch))
-            except Exception as exc:
+            except BaseException as exc:
                 # Those entries stay pending: read again after a reconnect, or
                 # reclaimed after claim_idle (the store suppresses the duplicate).
+                # Cancelled mid-XACK (the session ended): the batch is already out
+                # of self._acks, so its commands must hear it here or wait forever.
+                failure = (exc if isinstance(exc, Exception)
+                           else ConnectionError("the Redis session ended"))
                 for _, done in batch:
                     if not done.done():
-                        done.set_exception(exc)
+                        done.set_exception(failure)
+                if not isinstance(exc, Exception):
+                    raise
             else:
                 for _, done in batch:
                     if not done.done():

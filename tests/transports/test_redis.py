@@ -268,8 +268,17 @@ async def test_stream_many_commands_in_flight_share_a_bounded_pool(
             pipe.xadd(topic, {"message": command(
                 "block-msisdn", {"receiver": f"+62812{i:08d}"}, callback_topic=cb)})
         await pipe.execute()
+
+    async def replied() -> int:
+        async with redis.pipeline(transaction=False) as pipe:
+            for cb in cbs:
+                pipe.exists(cb)
+            return sum(await pipe.execute())
+
+    # A reply is added after its command is acknowledged: wait for all of them too.
     async with asyncio.timeout(20):
-        while await pending(redis, topic) or consumer.status()["received"] < 150:
+        while (await pending(redis, topic) or consumer.status()["received"] < 150
+               or await replied() < len(cbs)):
             await asyncio.sleep(0.05)
     for cb in cbs:
         entries: Any = await redis.xrange(cb)
