@@ -85,8 +85,8 @@ from otpd.app.settings import parse_settings  # noqa: E402
 from otpd.auth.htpasswd import set_user  # noqa: E402
 from otpd.channels.sms.simulator import ModemSimulator, SentMessage  # noqa: E402
 from otpd.client.config import WsConfig  # noqa: E402
-from otpd.client.transports.base import Transport  # noqa: E402
-from otpd.client.transports.websocket import WsTransport  # noqa: E402
+from otpd.client.publishers.base import Transport  # noqa: E402
+from otpd.client.publishers.ws import WsTransport  # noqa: E402
 from otpd.service import Service  # noqa: E402
 from otpd.transports.consumer import Consumer, Inbound  # noqa: E402
 from otpd.wire.protocol import parse_request  # noqa: E402

@@ -38,8 +38,8 @@ from otpd.client.envelope import encode, envelope, normalise_params, param_field
 from otpd.client.errors import ReplyTimeout
 from otpd.client.managed import Issued, ManagedOtps
 from otpd.client.otpstore import OtpStore, open_store
+from otpd.client.publishers import Transport, build_transport
 from otpd.client.response import OtpResponse
-from otpd.client.transports import Transport, build_transport
 from otpd.msisdn import mask
 from otpd.settings_reader import ConfigError
 from otpd.wire.brokers import reply_topic

@@ -8,10 +8,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from otpd.broker import BrokerConfig, BrokerServer
-from otpd.client.transports.amqp import AmqpTransport
-from otpd.client.transports.mqtt import MqttTransport
-from otpd.client.transports.redis_broker import RedisTransport
-from otpd.client.transports.websocket import WsTransport
+from otpd.client.publishers.amqp import AmqpTransport
+from otpd.client.publishers.mqtt import MqttTransport
+from otpd.client.publishers.redis import RedisTransport
+from otpd.client.publishers.ws import WsTransport
 from tests.support.client_config import phone
 from tests.support.gateway import MakeGateway
 from tests.support.services import MQTT_HOST, MQTT_PORT

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import pytest
 
 from otpd.client import AsyncOtpClient, OtpResponse, TransportError, parse_client_config
-from otpd.client.transports import Inbox, Transport
+from otpd.client.publishers import Inbox, Transport
 from otpd.wire.protocol import parse_request
 
 

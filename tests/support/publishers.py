@@ -1,5 +1,5 @@
 """The application side of each broker: the client library's publishers
-(:mod:`otpd.client.transports`), with the little the tests add to them.
+(:mod:`otpd.client.publishers`), with the little the tests add to them.
 
 * ``confirmed(...)``: True only once the broker confirmed the command (RabbitMQ
   publisher confirm of a persistent, mandatory message; the id of a Redis
@@ -23,11 +23,11 @@ from redis.asyncio import Redis
 
 from otpd.aio import within
 from otpd.client.config import AmqpConfig, MqttConfig, RedisConfig, WsConfig
-from otpd.client.transports.amqp import AmqpTransport
-from otpd.client.transports.base import Transport
-from otpd.client.transports.mqtt import MqttTransport
-from otpd.client.transports.redis_broker import RedisTransport
-from otpd.client.transports.websocket import WsTransport
+from otpd.client.publishers.amqp import AmqpTransport
+from otpd.client.publishers.base import Transport
+from otpd.client.publishers.mqtt import MqttTransport
+from otpd.client.publishers.redis import RedisTransport
+from otpd.client.publishers.ws import WsTransport
 from tests.support.brokers import command, unique
 
 CONFIRM_TIMEOUT = 5.0  # s for one confirmed publish, connecting included

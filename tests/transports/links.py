@@ -20,7 +20,7 @@ import aiohttp
 
 from otpd.broker import BrokerServer
 from otpd.channels.sms.simulator import ModemSimulator
-from otpd.client.transports.base import Transport
+from otpd.client.publishers.base import Transport
 from tests.support.brokers import (
     APP_USER,
     BROKER_FAST,

@@ -1,9 +1,10 @@
-"""Client transports, one per method; libraries are imported only for the one used."""
+"""Client publishers, one per method (the client side of otpd.transports); libraries
+are imported only for the one used."""
 
 from __future__ import annotations
 
 from otpd.client.config import ClientSettings
-from otpd.client.transports.base import Inbox, Transport
+from otpd.client.publishers.base import Inbox, Transport
 
 
 def build_transport(config: ClientSettings) -> Transport:
@@ -11,23 +12,23 @@ def build_transport(config: ClientSettings) -> Transport:
     timeout = config.connect_timeout
     match config.method:
         case "rest":
-            from otpd.client.transports.rest import RestTransport
+            from otpd.client.publishers.rest import RestTransport
 
             return RestTransport(config.rest, timeout)
         case "amqp":
-            from otpd.client.transports.amqp import AmqpTransport
+            from otpd.client.publishers.amqp import AmqpTransport
 
             return AmqpTransport(config.amqp, timeout)
         case "redis":
-            from otpd.client.transports.redis_broker import RedisTransport
+            from otpd.client.publishers.redis import RedisTransport
 
             return RedisTransport(config.redis, timeout)
         case "mqtt":
-            from otpd.client.transports.mqtt import MqttTransport
+            from otpd.client.publishers.mqtt import MqttTransport
 
             return MqttTransport(config.mqtt, timeout)
         case "ws":
-            from otpd.client.transports.websocket import WsTransport
+            from otpd.client.publishers.ws import WsTransport
 
             return WsTransport(config.ws, timeout)
     raise ValueError(f"unknown method {config.method!r}")

@@ -31,7 +31,7 @@ from aio_pika.abc import (
 
 from otpd.client.config import AmqpSettings
 from otpd.client.errors import TransportError
-from otpd.client.transports.base import Inbox, Transport, cleanup
+from otpd.client.publishers.base import Inbox, Transport, cleanup
 from otpd.netutil import safe_url, tls_context
 
 

@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from otpd.client.config import WsSettings
-from otpd.client.transports.base import Inbox, Transport, cleanup
+from otpd.client.publishers.base import Inbox, Transport, cleanup
 from otpd.netutil import safe_url, tls_context
 from otpd.wire.brokers import topic_url
 

@@ -27,7 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from otpd.client.config import MqttSettings
 from otpd.client.errors import TransportError
-from otpd.client.transports.base import Inbox, Transport
+from otpd.client.publishers.base import Inbox, Transport
 from otpd.netutil import tls_context
 
 

@@ -20,7 +20,7 @@ import aiohttp
 
 from otpd.client.config import RestSettings
 from otpd.client.errors import ReplyTimeout, TransportError
-from otpd.client.transports.base import Inbox, Transport, cleanup
+from otpd.client.publishers.base import Inbox, Transport, cleanup
 from otpd.netutil import safe_url, tls_context
 
 MAX_ANSWER = 1 << 20

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from otpd.client.config import RedisSettings
 from otpd.client.errors import TransportError
-from otpd.client.transports.base import Inbox, Transport, cleanup
+from otpd.client.publishers.base import Inbox, Transport, cleanup
 from otpd.netutil import safe_url
 from otpd.wire.brokers import STREAM_FIELD, entry_body
 
