@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INSTALL = Path("scripts/install.sh")
 UNINSTALL = Path("scripts/uninstall.sh")
 IS_ROOT = os.geteuid() == 0

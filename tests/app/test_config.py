@@ -7,7 +7,7 @@ import pytest
 from otpd.app.settings import parse_settings
 from otpd.settings_reader import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def errors_of(text: str) -> list[str]:

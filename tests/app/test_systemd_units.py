@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
 RULES = REPO / "etc" / "udev" / "77-otpd-modems.rules"
 OK_LEVELS = ("PERFECT", "SAFE", "OK")

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.support.daemon import API_PASSWORD, API_USER, free_port, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 AUTH = {"Authorization": "Basic "
         + base64.b64encode(f"{API_USER}:{API_PASSWORD}".encode()).decode()}
 
