@@ -16,10 +16,9 @@ from otpd.channels.sms.modem import (
     ModemError,
     PinError,
     Timing,
-    csq_to_dbm,
-    signal_condition,
 )
 from otpd.channels.sms.profiles import PROFILES
+from otpd.channels.sms.replies import signal_report
 from otpd.channels.sms.settings import BAUD_RATES, ModemSettings
 from otpd.channels.sms.simulator import ModemSimulator
 
@@ -65,11 +64,7 @@ def _describe(name: str, port: str, modem: Modem) -> dict[str, Any]:
         "imei": info.imei,
         "imsi": info.imsi,
         "operator": info.operator,
-        "signal": {
-            "csq": info.csq if info.csq is not None else 99,
-            "rssi_dbm": csq_to_dbm(info.csq),
-            "condition": signal_condition(info.csq),
-        },
+        "signal": signal_report(info.csq),
         "registered": info.registered,
     }
 

@@ -31,12 +31,11 @@ from otpd.channels.sms.modem import (
     PortError,
     SendError,
     Timing,
-    csq_to_dbm,
     decode_ussd,
-    signal_condition,
 )
 from otpd.channels.sms.pdu import MessageTooLong
 from otpd.channels.sms.quota import QuotaError, SimQuota
+from otpd.channels.sms.replies import signal_report
 from otpd.channels.sms.settings import ModemSettings, SmsSettings
 from otpd.delivery.channel import Delivered, Failed, Job, Outcome, Retry, WorkSource
 from otpd.msisdn import InvalidReceiver, canonical_msisdn, mask
@@ -170,11 +169,7 @@ class ModemPool:
                 "imei": info.imei,
                 "imsi": info.imsi,
                 "operator": info.operator,
-                "signal": {
-                    "csq": info.csq if info.csq is not None else 99,
-                    "rssi_dbm": csq_to_dbm(info.csq),
-                    "condition": signal_condition(info.csq),
-                },
+                "signal": signal_report(info.csq),
                 "registered": info.registered,
                 "prefixes": list(slot.settings.prefixes),
                 "sent": slot.sent,

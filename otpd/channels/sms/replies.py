@@ -140,6 +140,13 @@ def signal_condition(csq: int | None) -> str:
     return "excellent"
 
 
+def signal_report(csq: int | None) -> dict[str, int | str | None]:
+    """The ``signal`` object of get-modem-list and ``otpd modem``: CSQ (99 = unknown,
+    as modems say it), dBm and a word."""
+    return {"csq": csq if csq is not None else 99, "rssi_dbm": csq_to_dbm(csq),
+            "condition": signal_condition(csq)}
+
+
 # --- SMS ----------------------------------------------------------------------------------
 
 
