@@ -15,13 +15,15 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from otpd.aio import within
 from otpd.msisdn import InvalidReceiver, mask
-from otpd.service import Service
 from otpd.settings_reader import Section
-from otpd.store import Store
+
+if TYPE_CHECKING:  # only annotations: check-config (which reads ControlSettings) stays light
+    from otpd.service import Service
+    from otpd.store import Store
 
 log = logging.getLogger("otpd.app.control")
 
