@@ -6,6 +6,7 @@ this module imports nothing from otpd.
 
 from __future__ import annotations
 
+import base64
 import ssl
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,3 +34,10 @@ def url_password(url: str) -> str:
         return urlsplit(url).password or ""
     except ValueError:
         return ""
+
+
+def basic_authorization(username: str, password: str) -> str:
+    """The ``Authorization`` header value of HTTP Basic (UTF-8, the form every
+    server here parses; the PHP client's raw form is not sent by otpd)."""
+    token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"

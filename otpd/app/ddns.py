@@ -28,7 +28,6 @@ tokens are never logged or shown in :meth:`DdnsUpdater.status`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ipaddress
 import json
@@ -42,6 +41,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from otpd.app.ddns_settings import DdnsSettings
+from otpd.netutil import basic_authorization
 
 log = logging.getLogger("otpd.app.ddns")
 
@@ -279,8 +279,7 @@ class DdnsUpdater:
         assert self._api is not None
         url = f"{s.server}/nic/update"
         params = {"hostname": ",".join(s.hostnames), "myip": ip}
-        credentials = base64.b64encode(f"{s.username}:{s.password}".encode()).decode("ascii")
-        headers = {"Authorization": f"Basic {credentials}"}
+        headers = {"Authorization": basic_authorization(s.username, s.password)}
         where = urlsplit(s.server).hostname
         try:
             async with self._api.get(url, params=params, headers=headers) as resp:

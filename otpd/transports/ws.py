@@ -18,13 +18,12 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import connect
 
-from otpd.netutil import safe_url, tls_context
+from otpd.netutil import basic_authorization, safe_url, tls_context
 from otpd.transports.consumer import Consumer, Inbound
 from otpd.transports.settings import WsSettings
 from otpd.wire.brokers import topic_url
@@ -52,8 +51,7 @@ class WsConsumer(Consumer):
         s = self.settings
         headers: dict[str, str] = {}
         if s.username:
-            token = base64.b64encode(f"{s.username}:{s.password}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
+            headers["Authorization"] = basic_authorization(s.username, s.password)
         kwargs: dict[str, Any] = {}
         if s.url.startswith("wss://"):
             kwargs["ssl"] = tls_context(s.common.tls_ca)

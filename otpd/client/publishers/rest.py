@@ -11,7 +11,6 @@ for the client's lifetime.
 from __future__ import annotations
 
 import asyncio
-import base64
 import ssl
 from contextlib import AbstractAsyncContextManager
 from typing import ClassVar
@@ -21,7 +20,7 @@ import aiohttp
 from otpd.client.config import RestSettings
 from otpd.client.errors import ReplyTimeout, TransportError
 from otpd.client.publishers.base import Inbox, Transport, cleanup
-from otpd.netutil import safe_url, tls_context
+from otpd.netutil import basic_authorization, safe_url, tls_context
 
 MAX_ANSWER = 1 << 20
 
@@ -64,8 +63,7 @@ class RestTransport(Transport):
         c = self.config
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if c.username:
-            token = base64.b64encode(f"{c.username}:{c.password}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
+            headers["Authorization"] = basic_authorization(c.username, c.password)
         session = self._get_session()
         try:
             # Connecting is bounded by connect_timeout (sock_connect); the answer

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from otpd.client.config import WsSettings
 from otpd.client.publishers.base import Inbox, Transport, cleanup
-from otpd.netutil import safe_url, tls_context
+from otpd.netutil import basic_authorization, safe_url, tls_context
 from otpd.wire.brokers import topic_url
 
 # websockets' DEBUG output quotes frames (commands with OTPs): keep it quiet.
@@ -65,8 +64,7 @@ class WsTransport(Transport):
         c = self.config
         headers: dict[str, str] = {}
         if c.username:
-            token = base64.b64encode(f"{c.username}:{c.password}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
+            headers["Authorization"] = basic_authorization(c.username, c.password)
         kwargs: dict[str, Any] = {}
         if c.url.startswith("wss://"):
             kwargs["ssl"] = tls_context(c.tls_ca)
