@@ -1,7 +1,8 @@
-"""Durable state: OTP hashes, block list, outbox."""
+"""Durable state: OTP hashes, block list, outbox, replay cache of signed commands."""
 
 from otpd.store.base import Store
 from otpd.store.records import (
+    Claim,
     Duplicate,
     Finished,
     Inserted,
@@ -16,6 +17,7 @@ from otpd.store.records import (
 from otpd.store.sqlite import SqliteStore
 
 __all__ = [
+    "Claim",
     "Duplicate",
     "Finished",
     "Inserted",

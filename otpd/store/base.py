@@ -3,7 +3,8 @@
 Two implementations: :class:`~otpd.store.sqlite.SqliteStore` keeps everything
 in one local SQLite file; :class:`~otpd.store.redis_state.RedisSharedStore`
 keeps what several nodes must share (OTPs, block list, message ids, rate
-counters) in Redis and each node's own outbox in its local SQLite file.
+counters, the replay cache of signed commands) in Redis and each node's own
+outbox in its local SQLite file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from otpd.store.records import (
+    Claim,
     Duplicate,
     Finished,
     Inserted,
@@ -93,6 +95,30 @@ class Store(Protocol):
         ``record=False`` only checks."""
         ...
 
-    async def purge(self, otp_before: float, messages_before: float) -> tuple[int, int]: ...
+    # replay cache of signed commands: claim, execute, then settle (or release)
+    async def claim_command(self, key: str, holder: str, now: float, claim_ttl: float
+                            ) -> Claim:
+        """Atomically: an absent or expired ``key`` becomes a pending claim by
+        ``holder`` until ``now + claim_ttl`` (NEW); a settled one answers SEEN;
+        a live pending one, whoever holds it, BUSY. ``key`` is 1 to 128 hex
+        digits, compared case-insensitively (ValueError otherwise)."""
+        ...
+
+    async def settle_command(self, key: str, holder: str, until: float) -> None:
+        """The command ran: answer SEEN for ``key`` until ``until``. Durable on
+        return. No effect when another holder has claimed or settled the key
+        since (a claim that lapsed untaken is still this holder's)."""
+        ...
+
+    async def release_command(self, key: str, holder: str) -> None:
+        """The command did not run: forget ``holder``'s pending claim so that a
+        redelivery runs it. No effect on a settled key or another's claim."""
+        ...
+
+    async def purge(self, otp_before: float, messages_before: float) -> tuple[int, int]:
+        """Delete OTPs expired before ``otp_before``, final messages finished
+        before ``messages_before`` and replay-cache entries expired before
+        ``otp_before``; returns (otps, messages) deleted."""
+        ...
 
     async def counts(self) -> dict[str, int]: ...

@@ -64,6 +64,18 @@ MIGRATIONS: list[str] = [
     CREATE INDEX rate_events_key_at ON rate_events (key, at);
     CREATE INDEX rate_events_at ON rate_events (at);
     """,
+    # 4: replay cache of signed broker commands: a pending claim while the command
+    # runs, then settled (seen) until the signature window ends.
+    """
+    CREATE TABLE seen_commands (
+        key        TEXT PRIMARY KEY
+                   CHECK (length(key) BETWEEN 1 AND 128 AND key NOT GLOB '*[^0-9a-f]*'),
+        state      TEXT NOT NULL CHECK (state IN ('pending', 'settled')),
+        holder     TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX seen_commands_expires ON seen_commands (expires_at);
+    """,
 ]
 
 

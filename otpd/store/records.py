@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import enum
+import math
+import re
 from dataclasses import dataclass
 
 # The verify outcome is an OTP rule; the store protocol returns it, so it is re-exported.
@@ -98,3 +101,41 @@ class Duplicate:
     kind: str  # "reference" (request-otp) or "id" (message id already accepted)
     state: str | None = None  # the first message's state and code, for kind "id"
     code: str | None = None
+
+
+class Claim(enum.Enum):
+    """The answer of ``claim_command`` (the replay cache of signed commands)."""
+
+    NEW = "new"  # first time: the caller now holds the claim and executes the command
+    SEEN = "seen"  # already executed (settled): a replay, refuse it
+    BUSY = "busy"  # claimed and not settled yet: hand the message back for redelivery later
+
+
+# ASCII only: str.isdigit-style checks would let other scripts' digits through.
+_COMMAND_KEY = re.compile(r"[0-9a-fA-F]{1,128}")
+_MAX_HOLDER = 256
+
+
+def command_key(key: object) -> str:
+    """The canonical (lowercase) form of a replay-cache key, or ValueError.
+
+    Lowercased because a signature verifies in either case: ``ABC...`` must
+    not escape the entry of ``abc...``."""
+    if not isinstance(key, str) or _COMMAND_KEY.fullmatch(key) is None:
+        raise ValueError("command key: must be 1 to 128 hex digits")
+    return key.lower()
+
+
+def check_holder(holder: object) -> str:
+    if not isinstance(holder, str) or not holder or len(holder) > _MAX_HOLDER:
+        raise ValueError(f"command holder: must be 1 to {_MAX_HOLDER} characters")
+    return holder
+
+
+def check_time(name: str, value: float, *, positive: bool = False) -> float:
+    # NaN would be stored as NULL by SQLite and compare false everywhere.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number")
+    if positive and value <= 0:
+        raise ValueError(f"{name}: must be positive")
+    return float(value)

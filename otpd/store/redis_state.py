@@ -11,11 +11,14 @@ Keys (``prefix`` default ``otpd:``):
   ``id:<dedupe key>``  JSON of the first message's state and code
   ``blocklist``        set of canonical receivers
   ``rate:<key>``       sorted set of hits (score = time)
+  ``seen:<key>``       hash: state (pending | settled), holder, expires_at; the
+                       replay cache of signed commands, shared by the nodes
 """
 
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +29,7 @@ from redis.exceptions import RedisError
 
 from otpd.otp_attempts import LUA_NAMES, RETRY, VerifyResult, outcome, precheck
 from otpd.store.records import (
+    Claim,
     Duplicate,
     Finished,
     Inserted,
@@ -35,6 +39,9 @@ from otpd.store.records import (
     OtpRecord,
     RateLimit,
     StoreError,
+    check_holder,
+    check_time,
+    command_key,
 )
 from otpd.store.sqlite import SqliteStore
 
@@ -107,6 +114,40 @@ end
 return '0'
 """
 
+# Replay cache. Expiry is judged on the caller's ``now`` against the stored
+# expires_at (as in SQLite); PEXPIREAT only reclaims the memory afterwards.
+# KEYS[1] seen key; ARGV: holder, now, claim expires_at, expire-at-ms
+_CLAIM_COMMAND = """
+local cur = redis.call('HMGET', KEYS[1], 'state', 'expires_at')
+if cur[1] and tonumber(cur[2]) > tonumber(ARGV[2]) then
+  if cur[1] == 'settled' then return 'seen' end
+  return 'busy'
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'pending', 'holder', ARGV[1], 'expires_at', ARGV[3])
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+return 'new'
+"""
+
+# KEYS[1] seen key; ARGV: holder, until, expire-at-ms. Absent (the claim lapsed
+# and expired untaken) still settles: the command ran. Never shortens a settle.
+_SETTLE_COMMAND = """
+local cur = redis.call('HMGET', KEYS[1], 'state', 'holder', 'expires_at')
+if cur[1] and cur[2] ~= ARGV[1] then return 0 end
+if cur[1] == 'settled' and tonumber(cur[3]) >= tonumber(ARGV[2]) then return 1 end
+redis.call('HSET', KEYS[1], 'state', 'settled', 'holder', ARGV[1], 'expires_at', ARGV[2])
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS[1] seen key; ARGV: holder
+_RELEASE_COMMAND = """
+local cur = redis.call('HMGET', KEYS[1], 'state', 'holder')
+if cur[1] == 'pending' and cur[2] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class RedisSharedStore:
     def __init__(self, outbox: SqliteStore, client: aioredis.Redis, prefix: str,
                  expired_grace: float, retention: float) -> None:
@@ -119,6 +160,9 @@ class RedisSharedStore:
         self._settle = client.register_script(_SETTLE_VERIFY)
         self._drop_otp = client.register_script(_DROP_ACTIVE_OTP)
         self._rate = client.register_script(_RATE_HIT)
+        self._claim_command = client.register_script(_CLAIM_COMMAND)
+        self._settle_command = client.register_script(_SETTLE_COMMAND)
+        self._release_command = client.register_script(_RELEASE_COMMAND)
 
     @classmethod
     async def open(cls, path: Path, url: str, prefix: str, expired_grace: float,
@@ -291,6 +335,27 @@ class RedisSharedStore:
         result = await self._call(self._rate(keys=keys, args=args))
         return float(result.decode() if isinstance(result, bytes) else result)
 
+    # -- replay cache of signed commands (in Redis: every node must see it) ----------
+    async def claim_command(self, key: str, holder: str, now: float, claim_ttl: float
+                            ) -> Claim:
+        key, holder = command_key(key), check_holder(holder)
+        now = check_time("now", now)
+        expires_at = now + check_time("claim_ttl", claim_ttl, positive=True)
+        result = await self._call(self._claim_command(
+            keys=[self._key("seen", key)],
+            args=[holder, repr(now), repr(expires_at), _ms(expires_at)]))
+        return Claim(result.decode() if isinstance(result, bytes) else str(result))
+
+    async def settle_command(self, key: str, holder: str, until: float) -> None:
+        key, holder = command_key(key), check_holder(holder)
+        until = check_time("until", until)
+        await self._call(self._settle_command(
+            keys=[self._key("seen", key)], args=[holder, repr(until), _ms(until)]))
+
+    async def release_command(self, key: str, holder: str) -> None:
+        key, holder = command_key(key), check_holder(holder)
+        await self._call(self._release_command(keys=[self._key("seen", key)], args=[holder]))
+
     # -- housekeeping ------------------------------------------------------------------
     async def purge(self, otp_before: float, messages_before: float) -> tuple[int, int]:
         # Redis keys expire by themselves; only the local outbox needs purging.
@@ -302,3 +367,8 @@ class RedisSharedStore:
         counts["blocked"] = int(await self._call(
             self.redis.scard(self._key("blocklist", "set"))))
         return counts
+
+
+def _ms(at: float) -> int:
+    """Unix milliseconds for PEXPIREAT, rounded up so Redis never drops a key early."""
+    return math.ceil(at * 1000)

@@ -1,4 +1,5 @@
-"""SQLite store: OTP hashes, the block list and the durable outbox.
+"""SQLite store: OTP hashes, the block list, the durable outbox and the replay
+cache of signed commands.
 
 One connection used by one dedicated thread (group commit, see writer.py), so
 every write is serialised without locks and the event loop never blocks on
@@ -17,6 +18,7 @@ from typing import TypeVar
 from otpd.otp_attempts import OtpState, VerifyResult, verify_step
 from otpd.store.migrations import migrate
 from otpd.store.records import (
+    Claim,
     Duplicate,
     Finished,
     Inserted,
@@ -26,6 +28,9 @@ from otpd.store.records import (
     OtpRecord,
     RateLimit,
     StoreError,
+    check_holder,
+    check_time,
+    command_key,
 )
 from otpd.store.writer import GroupCommitWriter
 
@@ -333,15 +338,66 @@ class SqliteStore:
     async def is_blocked(self, receiver: str) -> bool:
         return receiver in self._blocked
 
+    # -- replay cache of signed commands ---------------------------------------
+    async def claim_command(self, key: str, holder: str, now: float, claim_ttl: float
+                            ) -> Claim:
+        key, holder = command_key(key), check_holder(holder)
+        now = check_time("now", now)
+        expires_at = now + check_time("claim_ttl", claim_ttl, positive=True)
+
+        def run(c: sqlite3.Connection) -> Claim:
+            row = c.execute(
+                "SELECT state, expires_at FROM seen_commands WHERE key = ?", (key,)
+            ).fetchone()
+            if row is not None and row[1] > now:
+                return Claim.SEEN if row[0] == "settled" else Claim.BUSY
+            # Absent, or expired (a settled window that ended, or a claim whose
+            # holder crashed): take it.
+            c.execute(
+                "INSERT INTO seen_commands (key, state, holder, expires_at)"
+                " VALUES (?, 'pending', ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET state = 'pending',"
+                " holder = excluded.holder, expires_at = excluded.expires_at",
+                (key, holder, expires_at),
+            )
+            return Claim.NEW
+
+        return await self._tx(run)
+
+    async def settle_command(self, key: str, holder: str, until: float) -> None:
+        key, holder = command_key(key), check_holder(holder)
+        until = check_time("until", until)
+        # Absent (a lapsed claim purged meanwhile) still settles: the command ran.
+        # Another holder's row is left alone; a second settle never shortens it.
+        await self._tx(lambda c: c.execute(
+            "INSERT INTO seen_commands (key, state, holder, expires_at)"
+            " VALUES (?, 'settled', ?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET state = 'settled', expires_at ="
+            " CASE WHEN state = 'settled' THEN max(expires_at, excluded.expires_at)"
+            " ELSE excluded.expires_at END"
+            " WHERE holder = excluded.holder",
+            (key, holder, until),
+        ))
+
+    async def release_command(self, key: str, holder: str) -> None:
+        key, holder = command_key(key), check_holder(holder)
+        await self._tx(lambda c: c.execute(
+            "DELETE FROM seen_commands WHERE key = ? AND holder = ? AND state = 'pending'",
+            (key, holder),
+        ))
+
     # -- housekeeping --------------------------------------------------------
     async def purge(self, otp_before: float, messages_before: float) -> tuple[int, int]:
         """Bulk-delete OTPs that expired before ``otp_before`` and final messages
-        finished before ``messages_before``. Returns (otps, messages) deleted."""
+        finished before ``messages_before``. Returns (otps, messages) deleted.
+        Replay-cache entries go with the OTPs: ``otp_before`` is never after now,
+        so no live claim or signature window is forgotten."""
 
         def run(c: sqlite3.Connection) -> tuple[int, int]:
             otps = c.execute("DELETE FROM otp WHERE expires_at < ?", (otp_before,)).rowcount
             # No limit window is longer than 31 days.
             c.execute("DELETE FROM rate_events WHERE at < ?", (otp_before - 31 * 86400,))
+            c.execute("DELETE FROM seen_commands WHERE expires_at < ?", (otp_before,))
             msgs = c.execute(
                 "DELETE FROM outbox WHERE state != 'pending' AND finished_at < ?",
                 (messages_before,),
