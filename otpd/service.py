@@ -20,6 +20,13 @@ from otpd.aio import within
 from otpd.delivery.channel import Channel, Job
 from otpd.delivery.engine import DeliveryEngine, Result
 from otpd.delivery.settings import DeliverySettings
+from otpd.grants import (
+    MODEM_IDENTITY,
+    Grants,
+    grant_for,
+    rest_grant_key,
+    without_identity,
+)
 from otpd.limits import Limiter
 from otpd.metrics import Metrics
 from otpd.msisdn import InvalidReceiver, canonical_receiver, is_email, mask
@@ -121,13 +128,17 @@ class Service:
         on_stored: OnStored | None = None,
         transport: str = "",
         ip: str | None = None,
+        grants: Grants | None = None,
     ) -> Response:
         """Run one command. ``on_stored`` is awaited once the command is durable
         (brokers acknowledge there); ``wait`` bounds the wait for a send result.
-        ``transport`` names the client for limits (``rest:<user>``, ``amqp``...)."""
+        ``transport`` names the client for limits (``rest:<user>``, ``amqp``...).
+        ``grants``: what this client may run (None: the defaults, no operational
+        command)."""
         cmd = env.command
         wait = self.delivery.wait if wait is None else wait
         client = transport or "-"
+        grants = Grants() if grants is None else grants
         try:
             # Request rates are limited per REST user and address; a broker command
             # refused here would be dropped, so brokers have the per-receiver and
@@ -137,8 +148,10 @@ class Service:
                 retry_after = await self.limiter.command(client, ip, self.clock())
             if retry_after > 0:
                 response = _limited(env.name, cmd, retry_after, "too many requests")
+            elif (refused := self._authorize(env.name, cmd, grants, client)) is not None:
+                response = refused
             else:
-                response = await self._dispatch(env.name, cmd, wait, on_stored, client)
+                response = await self._dispatch(env.name, cmd, wait, on_stored, client, grants)
         except ProtocolError as exc:
             response = Response(env.name, exc.code, _echo(cmd, None), exc.message)
         except StoreError as exc:
@@ -154,6 +167,18 @@ class Service:
                      f" {mask(receiver)}" if receiver else "", response.code.value)
         return response
 
+    def _authorize(self, name: str, cmd: Command, grants: Grants,
+                   client: str) -> Response | None:
+        """The refusal (1100) of a command these grants do not cover, or None."""
+        grant = grant_for(cmd.name)
+        if grants.allows(grant):
+            return None
+        setting = grants.setting or _grant_setting(client)
+        log.warning("%s: refused %s: not granted (add %r to %s)", client, name, grant, setting)
+        return Response(name, Code.UNAUTHORIZED, _echo(cmd, None),
+                        f"unauthorized: {name} is not granted to this client;"
+                        f" the operator grants it with {setting} = [\"{grant}\"]")
+
     def _count(self, client: str, name: str, cmd: Command, response: Response) -> None:
         assert self.metrics is not None
         transport = client.partition(":")[0]  # "rest:<user>" -> rest: bounded labels
@@ -168,7 +193,8 @@ class Service:
             self.metrics.otp.labels(event).inc()
 
     async def _dispatch(
-        self, name: str, cmd: Command, wait: float, on_stored: OnStored | None, client: str
+        self, name: str, cmd: Command, wait: float, on_stored: OnStored | None, client: str,
+        grants: Grants,
     ) -> Response:
         match cmd:
             case RequestOtp():
@@ -186,9 +212,12 @@ class Service:
             case GetModemList():
                 status = self.channels["sms"].status()
                 modems = {m.get("name", str(i)): m for i, m in enumerate(status.get("modems", []))}
+                if not grants.allows(MODEM_IDENTITY):
+                    # IMSI, IMEI and the like identify the SIM and the handset.
+                    modems = without_identity(modems)
                 return Response(name, Code.SUCCESS, {"modem_list": modems})
             case RequestUssd():
-                return await self._ussd(name, cmd)
+                return await self._ussd(name, cmd, grants, client)
             case Echo():
                 return Response(name, Code.SUCCESS, cmd.data)
         raise ProtocolError(Code.UNKNOWN_COMMAND, f"command: {name} is not supported", name)
@@ -364,7 +393,13 @@ class Service:
         code, message = VERIFY_RESPONSES[outcome]
         return Response(name, code, _echo(cmd, None), message)
 
-    async def _ussd(self, name: str, cmd: RequestUssd) -> Response:
+    async def _ussd(self, name: str, cmd: RequestUssd, grants: Grants, client: str) -> Response:
+        # Checked before anything reaches a modem: a supplementary service code
+        # (**21*<number># forwards every call) must never be sent.
+        why = grants.ussd.refusal(cmd.ussd_code)
+        if why is not None:
+            log.warning("%s: refused a USSD code for modem %s: %s", client, cmd.modem_id, why)
+            return Response(name, Code.INVALID_REQUEST, {}, f"data.ussd_code: {why}")
         sms = self.channels["sms"]
         ussd = getattr(sms, "ussd", None)
         if ussd is None or not sms.configured():
@@ -374,6 +409,15 @@ class Service:
         except (LookupError, ValueError, OSError, TimeoutError) as exc:
             return Response(name, Code.FAILED, {}, f"USSD failed: {exc}")
         return Response(name, Code.SUCCESS, data)
+
+
+def _grant_setting(client: str) -> str:
+    """The configuration key granting more to ``client`` (``rest:alice``, ``amqp``), for
+    grants handed in without one."""
+    kind, _, user = client.partition(":")
+    if kind == "rest" and user:
+        return rest_grant_key(user)
+    return f"{kind}.grants" if kind and kind != "-" else "grants"
 
 
 def _echo(cmd: Command, extra: dict[str, Any] | None) -> dict[str, Any]:

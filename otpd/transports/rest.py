@@ -238,7 +238,7 @@ class RestApi:
             return (json_response(error_response(exc).to_json(), status), exc.command,
                     exc.code.value)
         response = await self.service.execute(env, wait=self.wait, transport=f"rest:{user}",
-                                              ip=ip)
+                                              ip=ip, grants=self.settings.grants_for(user))
         headers = None
         if response.transient:
             status = 503

@@ -25,16 +25,41 @@ the topic's messages through ``$share/<group>/<topic>``, and ``client_id``
 defaults to ``otpd-<hostname>`` so that each node keeps its own session).
 ``[ws] url``, ``username``, ``password``, ``ping_interval``, ``ping_timeout``,
 ``reply_min_delay`` (ms).
+
+Permissions (see otpd.grants). Every REST user and every broker consumer holds
+the default grants: request-otp, verify-otp, send-sms, send-email (which also
+covers send-mail), send-message, block-msisdn, unblock-msisdn and echo. A grant
+list changes them: a name adds that grant, ``-name`` takes a default one away;
+the other names are request-ussd, get-modem-list and modem-identity (IMSI,
+IMEI, ICCID and the port's by-id name in get-modem-list answers). Per REST
+user: the ``[server.grants]`` table, ``alice = ["get-modem-list", "-send-sms"]``
+(a user not listed holds the defaults). Per broker: ``grants = [...]`` in its
+table. USSD codes a caller may run: ``ussd_allow`` in ``[server]`` (every REST
+user) or in a broker's table; absent = the built-in balance/information rule
+(``*123#``, ``*100*1#``), a list = only codes matching one of its patterns
+(``"*888#"``, ``"*100*X#"``, X = one digit), ``[]`` = none. Supplementary
+service codes (call forwarding...) are refused whatever the list says.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
+from otpd.grants import (
+    DEFAULT_GRANTS,
+    GrantError,
+    Grants,
+    UssdAllowList,
+    parse_grant_list,
+    parse_ussd_allow,
+    rest_grant_key,
+)
 from otpd.settings_reader import Section
 from otpd.wire.brokers import DEFAULT_TOPIC
 
@@ -53,6 +78,46 @@ class ServerSettings:
     tls_key: str
     paths: tuple[str, ...]
     allow_plain_http: bool
+    # REST user -> its grants when configured in [server.grants]; others: the defaults.
+    grants: Mapping[str, Grants] = field(default_factory=lambda: MappingProxyType({}))
+    ussd_allow: UssdAllowList = field(default_factory=UssdAllowList)
+
+    def grants_for(self, user: str) -> Grants:
+        """What ``user`` (authenticated) may run."""
+        found = self.grants.get(user)
+        if found is not None:
+            return found
+        return Grants(DEFAULT_GRANTS, self.ussd_allow, rest_grant_key(user))
+
+
+def _ussd_allow(s: Section) -> UssdAllowList:
+    if not s.has("ussd_allow"):
+        return UssdAllowList()
+    try:
+        return parse_ussd_allow(s.str_list("ussd_allow"))
+    except GrantError as exc:
+        s.error("ussd_allow", str(exc))
+        return UssdAllowList(())  # nothing allowed (the error stops the start anyway)
+
+
+def _grant_names(s: Section, key: str) -> frozenset[str]:
+    try:
+        return parse_grant_list(s.str_list(key))
+    except GrantError as exc:
+        s.error(key, str(exc))
+        return DEFAULT_GRANTS
+
+
+def _rest_grants(s: Section, ussd: UssdAllowList) -> Mapping[str, Grants]:
+    table = s.section("grants")
+    out: dict[str, Grants] = {}
+    if table is None:
+        return MappingProxyType(out)
+    for user in table.data:
+        if not user or ":" in user:
+            table.error(user, "is not a REST user name (htpasswd names have no ':')")
+        out[user] = Grants(_grant_names(table, user), ussd, rest_grant_key(user))
+    return MappingProxyType(out)
 
 
 def parse_server_settings(s: Section) -> ServerSettings:
@@ -65,6 +130,7 @@ def parse_server_settings(s: Section) -> ServerSettings:
     if bool(cert) != bool(key):
         s.error("tls_cert" if not cert else "tls_key", "tls_cert and tls_key must be set together")
     allow_plain = s.bool("allow_plain_http", False)
+    ussd = _ussd_allow(s)
     if not cert and not allow_plain and not _is_loopback(host):
         s.error("listen", f"{host} is not a loopback address: Basic auth passwords would cross"
                 " the network in clear; set tls_cert and tls_key, or allow_plain_http = true"
@@ -79,6 +145,8 @@ def parse_server_settings(s: Section) -> ServerSettings:
         tls_cert=cert,
         tls_key=key,
         paths=paths,
+        grants=_rest_grants(s, ussd),
+        ussd_allow=ussd,
     )
     s.finish()
     return out
@@ -106,6 +174,7 @@ class Common:
     require_signature: bool = False
     signing_key: str = field(default="", repr=False)
     tls_ca: str = ""
+    grants: Grants = field(default_factory=Grants)  # what this broker's commands may do
 
 
 @dataclass(frozen=True)
@@ -201,6 +270,7 @@ def _common(s: Section) -> Common:
     if require and not key:
         s.error("signing_key", "is required when require_signature = true")
     tls_ca = s.str("tls_ca", "")
+    grants = Grants(_grant_names(s, "grants"), _ussd_allow(s), s.key("grants"))
     return Common(
         topic=topic,
         enabled=s.bool("enabled", True),
@@ -213,6 +283,7 @@ def _common(s: Section) -> Common:
         require_signature=require,
         signing_key=key,
         tls_ca=tls_ca,
+        grants=grants,
     )
 
 

@@ -142,11 +142,10 @@ async def start_daemon(config: Path, session: aiohttp.ClientSession) -> Running:
 
 
 async def modems_ready(run: Running, count: int = 1, timeout: float = 10.0) -> None:
-    """Until ``count`` modems say ready (``get-modem-list`` over REST)."""
+    """Until ``count`` modems say ready (the daemon's status: get-modem-list needs a grant)."""
 
     async def ready() -> bool:
-        _, body = await run.client.call("get-modem-list", {})
-        modems = body["data"]["modem_list"].values()
+        modems = run.daemon.status().get("channels", {}).get("sms", {}).get("modems", [])
         return bool(sum(m.get("state") == "ready" for m in modems) >= count)
 
     await wait_until(ready, timeout, f"{count} modem(s) ready", interval=0.05)

@@ -13,6 +13,7 @@ import pytest
 
 from otpd.channels.sms.simulator import ModemSimulator
 from tests.support.daemon import (
+    API_USER,
     SMS_QUICK,
     Running,
     modem_table,
@@ -59,7 +60,9 @@ async def test_otp_by_sms_and_verify(tmp_path: Path, sim: ModemSimulator,
 
 async def test_long_unicode_sms_and_modem_list(tmp_path: Path, sim: ModemSimulator,
                                                session: aiohttp.ClientSession) -> None:
-    config = write_config(tmp_path, modem_table("sim1", tmp_path / "modem1") + SMS_QUICK)
+    grants = f'[server.grants]\n{API_USER} = ["get-modem-list", "request-ussd"]\n'
+    config = write_config(tmp_path, modem_table("sim1", tmp_path / "modem1") + SMS_QUICK
+                          + grants)
     run = await start_daemon(config, session)
     try:
         await wait_ready(run)
