@@ -109,6 +109,15 @@ async def open_store(s: StoreSettings) -> Store:
         raise StartupError(f"{key}: cannot open the store: {exc}") from exc
 
 
+def store_key_prefixes(s: StoreSettings) -> tuple[str, ...]:
+    """Key prefixes no broker reply may write to: the store's, or with an empty
+    prefix each of its key families (the SQLite backend reserves them too, so
+    that switching backends never opens a hole)."""
+    if s.redis_prefix:
+        return (s.redis_prefix,)
+    return ("otp:", "id:", "blocklist:", "rate:", "health:", "seen:")
+
+
 class Daemon:
     def __init__(self, settings: Settings, *, channels: dict[str, Channel] | None = None) -> None:
         self.settings = settings
@@ -157,7 +166,8 @@ class Daemon:
         await self.control.start()
         # Consumers connect in the background: a broker that is down must not
         # keep the daemon (and its REST API) from starting.
-        self.consumers = build_consumers(s.brokers, self.service, s.delivery.wait)
+        self.consumers = build_consumers(s.brokers, self.service, s.delivery.wait,
+                                         reserved_prefixes=store_key_prefixes(s.store))
         for consumer in self.consumers:
             await consumer.start()
         self._tasks.append(asyncio.create_task(self._purge_loop(), name="purge"))

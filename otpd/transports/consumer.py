@@ -7,10 +7,16 @@ session forever with capped exponential backoff and jitter, and turns each
 message into one command:
 
 * too big / not JSON / not an object / unknown command / bad field: logged
-  once as a warning, acknowledged and dropped (never redelivered, so it cannot
-  block the queue), with an error reply when a callback topic can be found;
+  (at most ``REFUSAL_LOG_BURST`` lines a minute, then a count), acknowledged
+  and dropped (never redelivered, so it cannot block the queue), with an
+  error reply when a callback topic can be found and signatures are not
+  required;
 * with ``require_signature``: unsigned or badly signed commands are dropped
-  the same way, the reply code is 1100 (see :mod:`otpd.wire.signing`);
+  the same way and get **no reply at all**; a signed command runs at most
+  once (:mod:`otpd.replays`): a replay is dropped, a copy of a command still
+  running is handed back to the broker;
+* a ``callback_topic`` that breaks :mod:`otpd.wire.reply_topics` (a store
+  key, a command topic, wildcards...) gets the command dropped, unanswered;
 * otherwise the service runs it; the message is acknowledged as soon as the
   command is durably stored (``on_stored``), or when the service answers for
   commands that store nothing. A *transient* answer (the store failed) is not
@@ -18,9 +24,13 @@ message into one command:
   broker for redelivery, where the broker can do that.
 
 Replies go to ``callback_topic`` (and the broker's own reply address, e.g.
-AMQP ``reply_to``) after ``callback_delay`` ms. A command that wants a reply
-waits up to ``reply_wait`` (default ``delivery.wait``) for the send result;
-one that does not want a reply answers 1111 at once: nobody would read more.
+AMQP ``reply_to``) after ``callback_delay`` ms, from tasks of their own (at
+most ``MAX_PENDING_REPLIES``): a command's prefetch slot is free as soon as it
+has run. With a ``signing_key``, every reply is signed and bound to the
+request's signature (:func:`otpd.wire.signing.sign_reply`). A command that
+wants a reply waits up to ``reply_wait`` (default ``delivery.wait``) for the
+send result; one that does not want a reply answers 1111 at once: nobody
+would read more.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from otpd.aio import backoff_delay, cancel_and_wait, within
+from otpd.replays import CLAIM_TTL, Claim, ReplayGuard
 from otpd.transports.settings import Common
 from otpd.wire.codes import Code
 from otpd.wire.protocol import (
@@ -45,7 +56,15 @@ from otpd.wire.protocol import (
     error_response,
     parse_request,
 )
-from otpd.wire.signing import SignatureError, verify
+from otpd.wire.reply_topics import ReplyTopicRules
+from otpd.wire.signing import (
+    SIGNATURE_FIELD,
+    TIMESTAMP_FIELD,
+    SignatureError,
+    replay_key,
+    sign_reply,
+    verify,
+)
 
 if TYPE_CHECKING:
     from otpd.service import Service
@@ -54,6 +73,11 @@ log = logging.getLogger("otpd.transports")
 
 STOP_GRACE = 5.0  # s in-flight commands may take to finish on stop
 STABLE_AFTER = 10.0  # s a connection must last before the backoff starts over
+# Replies waiting out their callback_delay or being sent; beyond this, replies
+# are dropped (logged) rather than piling up tasks for a flood of requests.
+MAX_PENDING_REPLIES = 256
+REFUSAL_LOG_BURST = 10  # refusal lines logged per interval; the rest are counted
+REFUSAL_LOG_INTERVAL = 60.0  # s
 
 
 async def _nothing() -> None:
@@ -107,6 +131,13 @@ class Consumer(ABC):
         self.min_reply_delay_ms = 0
         self._slots = asyncio.Semaphore(common.prefetch)
         self._inflight: set[asyncio.Task[None]] = set()
+        self._replies: set[asyncio.Task[None]] = set()
+        # Set by the registry from every consumer's topic and the store's key prefix.
+        self.reply_rules = ReplyTopicRules.build([common.topic], [])
+        self.replays = ReplayGuard(service.store)
+        self._refusal_window = time.monotonic()
+        self._refusals_logged = 0
+        self._refusals_unlogged = 0
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._connected = False
@@ -151,6 +182,10 @@ class Consumer(ABC):
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=grace)
         await cancel_and_wait(list(self._inflight), f"{self.name} commands", log)
+        if self._replies:
+            # Answers of commands that ran go out if they can within the grace.
+            await asyncio.wait(set(self._replies), timeout=min(grace, 2.0))
+        await cancel_and_wait(list(self._replies), f"{self.name} replies", log)
         await cancel_and_wait([self._task], self.name, log)
         self._task = None
         log.info("%s: stopped", self.name)
@@ -282,38 +317,75 @@ class Consumer(ABC):
                 log.warning("%s: acknowledge failed (the broker will redeliver; the"
                             " duplicate is suppressed by id): %s", self.name, self._describe(exc))
 
+        # Refusals are acknowledged at once and answered (where allowed) from a
+        # task of their own: a flood of them never holds a prefetch slot.
         if len(msg.body) > self.common.max_message:
-            self._note_error(f"dropped a {len(msg.body)}-byte message")
-            log.warning("%s: dropped a %d-byte message (max_message = %d)", self.name,
-                        len(msg.body), self.common.max_message)
             await ack_once()
-            refusal = Response("unknown", Code.INVALID_REQUEST, {},
-                               f"message larger than {self.common.max_message} bytes")
-            await self._reply(None, 0, msg, refusal)
+            self._refused(f"dropped a {len(msg.body)}-byte message"
+                          f" (max_message = {self.common.max_message})")
+            if not self.common.require_signature:
+                refusal = Response("unknown", Code.INVALID_REQUEST, {},
+                                   f"message larger than {self.common.max_message} bytes")
+                self._schedule_reply(None, 0, msg, refusal, "")
             return
         try:
             env = parse_request(msg.body)
         except ProtocolError as exc:
-            self._note_error(f"dropped a malformed message: {exc.message}")
-            log.warning("%s: dropped a malformed message: %s", self.name, exc.message)
             await ack_once()
-            topic, delay = loose_callback(msg.body)
-            await self._reply(topic, delay, msg, error_response(exc))
+            self._refused(f"dropped a malformed message: {exc.message}")
+            if not self.common.require_signature:
+                # Unauthenticated senders get no answer where signatures are required.
+                topic, delay = loose_callback(msg.body)
+                self._schedule_reply(topic, delay, msg, error_response(exc), "")
             return
+        signature = env.raw.get(SIGNATURE_FIELD)
+        request_signature = signature if isinstance(signature, str) else ""
+        guard_key: str | None = None
         if self.common.require_signature:
             try:
                 verify(env.raw, self.common.signing_key)
             except SignatureError as exc:
-                self._note_error(f"dropped {env.name}: {exc}")
-                log.warning("%s: dropped %s: %s", self.name, env.name, exc)
                 await ack_once()
-                refusal = Response(env.name, Code.UNAUTHORIZED, {}, f"unauthorized: {exc}")
-                await self._reply(env.callback_topic, env.callback_delay_ms, msg, refusal)
+                self._refused(f"dropped {env.name}: {exc}")  # and no reply at all
                 return
-        wants_reply = bool(env.callback_topic or msg.reply_to)
+            guard_key = replay_key(env.raw)
+        topic = env.callback_topic
+        if topic is not None:
+            why = self.reply_rules.refusal(topic)
+            if why is not None:
+                await ack_once()
+                self._refused(f"dropped {env.name}: callback_topic {why}")
+                return
+        if msg.reply_to is not None and msg.reply_to in self.reply_rules.command_topics:
+            await ack_once()
+            self._refused(f"dropped {env.name}: its reply address is a command topic")
+            return
+        if guard_key is not None:
+            claim = await self._claim_replay(guard_key, env.name)
+            if claim is not Claim.NEW:
+                if claim is Claim.SEEN or not await self._hand_back(msg):
+                    await ack_once()
+                return
+        stamp = env.raw.get(TIMESTAMP_FIELD)
+        settled = guard_key is None
+
+        async def on_stored() -> None:
+            # Durable: from now on any copy is a replay, then the broker may forget it.
+            nonlocal settled
+            if not settled and guard_key is not None:
+                settled = True
+                try:
+                    await self.replays.settle(guard_key, _stamp(stamp), time.time())
+                except Exception as exc:
+                    self._note_error(exc)
+                    log.warning("%s: %s ran but its signature could not be remembered: %s",
+                                self.name, env.name, self._describe(exc))
+            await ack_once()
+
+        wants_reply = bool(topic or msg.reply_to)
         try:
             response = await self.service.execute(
-                env, wait=self.reply_wait if wants_reply else 0.0, on_stored=ack_once,
+                env, wait=self.reply_wait if wants_reply else 0.0, on_stored=on_stored,
                 transport=self.name,
             )
         except Exception as exc:
@@ -323,30 +395,100 @@ class Consumer(ABC):
             self._note_error(exc)
             response = Response(env.name, Code.FAILED, {}, "internal error")
         if response.transient and not acked and msg.redeliver is not None:
-            # Pause so a broken store is not hammered, then let the broker retry.
-            await asyncio.sleep(self.common.retry_delay)
-            if await msg.redeliver():
+            if not settled and guard_key is not None:
+                await self._release(guard_key)
+            if await self._hand_back(msg):
                 log.warning("%s: %s not stored; left to the broker to redeliver", self.name,
                             env.name)
                 return
-        await ack_once()
+        await on_stored()
         if wants_reply:
-            await self._reply(env.callback_topic, env.callback_delay_ms, msg, response)
+            self._schedule_reply(topic, env.callback_delay_ms, msg, response, request_signature)
+
+    # -- refusals, replays ---------------------------------------------------------
+    def _refused(self, why: str) -> None:
+        self._note_error(why)
+        now = time.monotonic()
+        if now - self._refusal_window >= REFUSAL_LOG_INTERVAL:
+            if self._refusals_unlogged:
+                log.warning("%s: %d more messages dropped in the last %.0f s (not logged)",
+                            self.name, self._refusals_unlogged, now - self._refusal_window)
+            self._refusal_window, self._refusals_logged, self._refusals_unlogged = now, 0, 0
+        if self._refusals_logged < REFUSAL_LOG_BURST:
+            self._refusals_logged += 1
+            log.warning("%s: %s", self.name, why)
+        else:
+            self._refusals_unlogged += 1
+
+    async def _claim_replay(self, key: str, name: str) -> Claim:
+        try:
+            claim = await self.replays.claim(key, time.time())
+        except Exception as exc:
+            # The store cannot say whether this is a replay: like a store failure,
+            # the command waits for redelivery (or is lost with a lossy broker).
+            self._note_error(exc)
+            log.warning("%s: %s: the replay check failed: %s", self.name, name,
+                        self._describe(exc))
+            return Claim.BUSY
+        if claim is Claim.SEEN:
+            self._refused(f"dropped {name}: a replay of a command already run")
+        elif claim is Claim.BUSY:
+            log.info("%s: %s: a copy is still being run; handed back", self.name, name)
+        return claim
+
+    async def _release(self, key: str) -> None:
+        try:
+            await self.replays.release(key)
+        except Exception as exc:
+            self._note_error(exc)
+            log.warning("%s: could not release a replay claim (it expires in %.0f s): %s",
+                        self.name, CLAIM_TTL, self._describe(exc))
+
+    async def _hand_back(self, msg: Inbound) -> bool:
+        """Give the message back to the broker for redelivery after ``retry_delay``
+        (so a broken store is not hammered); False where the broker cannot."""
+        if msg.redeliver is None:
+            return False
+        await asyncio.sleep(self.common.retry_delay)
+        return await msg.redeliver()
+
+    # -- replies -------------------------------------------------------------------
+    def _schedule_reply(self, topic: str | None, delay_ms: int, msg: Inbound,
+                        response: Response, request_signature: str) -> None:
+        """Answer from a task of its own (bounded), so that waiting out
+        ``callback_delay`` never holds the slot the next command needs."""
+        if topic is not None and self.reply_rules.refusal(topic) is not None:
+            topic = None  # a malformed message's best-effort topic: never a handle on state
+        if not topic and not msg.reply_to:
+            return
+        if len(self._replies) >= MAX_PENDING_REPLIES:
+            self._refused(f"reply ({response.command} {response.code.value}) not sent:"
+                          f" {MAX_PENDING_REPLIES} replies already waiting")
+            return
+        body = self._reply_body(response, request_signature)
+        task = asyncio.create_task(self._reply(topic, delay_ms, msg, response, body),
+                                   name=f"{self.name}-reply")
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    def _reply_body(self, response: Response, request_signature: str) -> bytes:
+        obj = response.to_json()
+        if self.common.signing_key:
+            # Bound to the request: a reply to another command never verifies.
+            obj = sign_reply(obj, request_signature, self.common.signing_key)
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
     async def _reply(self, topic: str | None, delay_ms: int, msg: Inbound,
-                     response: Response) -> None:
+                     response: Response, body: bytes) -> None:
         targets: list[tuple[str, bool]] = []
         if topic:
             targets.append((topic, True))
         if msg.reply_to and msg.reply_to != topic:
             targets.append((msg.reply_to, False))
-        if not targets:
-            return
         delay_ms = max(delay_ms, self.min_reply_delay_ms)
         if delay_ms > 0:
             # The PHP client subscribes to the reply topic just after publishing.
             await asyncio.sleep(delay_ms / 1000)
-        body = response.encode()
         for target, callback in targets:
             try:
                 await self.publish_reply(target, body, msg.correlation, callback)
@@ -354,3 +496,9 @@ class Consumer(ABC):
                 self._note_error(exc)
                 log.warning("%s: reply (%s %s) not sent: %s", self.name, response.command,
                             response.code.value, self._describe(exc))
+
+
+def _stamp(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return time.time()

@@ -26,6 +26,10 @@
   session cleared (connect once with its ``client_id`` and a clean session),
   which drops whatever was still queued for it.
 * ``username``/``password``; TLS with ``tls = true`` (or ``tls_ca``).
+* A **retained** command is never executed: the broker hands it to every new
+  subscription again, so it would run at every connect (a retained
+  ``send-sms`` sends one SMS per restart). It is acknowledged and dropped,
+  with one warning per topic advising to publish without retain.
 
 paho runs on the asyncio loop through its external-loop API (the socket
 is watched with ``add_reader``/``add_writer``, ``loop_misc`` keeps the
@@ -180,6 +184,7 @@ class MqttConsumer(Consumer):
         self._client: mqtt.Client | None = None
         self._lost: asyncio.Future[str] | None = None
         self._subscribed_once = False  # a session was set up earlier in this process
+        self._retained_warned: set[str] = set()  # topics already warned about
 
     @property
     def v5(self) -> bool:
@@ -287,6 +292,9 @@ class MqttConsumer(Consumer):
 
     def _on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
         mid, qos = message.mid, message.qos
+        if message.retain:
+            self._drop_retained(client, message)
+            return
 
         async def ack() -> None:
             if qos > 0:
@@ -307,6 +315,19 @@ class MqttConsumer(Consumer):
             correlation = getattr(props, "CorrelationData", None)
         self.admit_nowait(Inbound(bytes(message.payload), ack=ack, redeliver=redeliver,
                                   reply_to=reply_to, correlation=correlation))
+
+    def _drop_retained(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
+        self._received += 1
+        self._note_error("dropped a retained message")
+        if message.qos > 0:
+            client.ack(message.mid, message.qos)
+        topic = message.topic
+        if topic not in self._retained_warned and len(self._retained_warned) < 1000:
+            self._retained_warned.add(topic)
+            log.warning("%s: dropped a retained message on %r: a retained command would run"
+                        " again at every connect. Publish commands without retain, and clear"
+                        " this one (publish an empty retained message to the topic).",
+                        self.name, topic)
 
     def _drop_connection(self, why: str) -> None:
         if self._lost is not None:

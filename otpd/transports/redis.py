@@ -21,6 +21,11 @@ while the Pi is offline is lost. Replies are ``XADD``-ed (field ``message``)
 to a stream named ``callback_topic``, trimmed to about ``reply_maxlen``
 entries and expiring ``reply_ttl`` s after the last reply, so a requester that
 reads late still finds its answer and abandoned reply streams do not pile up.
+A callback topic is data from whoever could publish, so the reply is written
+in one Lua script, and only when the key is absent or is already a reply
+stream (its newest entry carries the ``otpd = reply`` marker field otpd puts
+in every reply): a reply never turns one of otpd's (or anybody's) keys into
+a stream, and ``PEXPIRE`` never runs on a key otpd did not create.
 otpd never deletes command entries (another group may read them too):
 publishers should trim, e.g. ``XADD topic MAXLEN ~ 10000 * message <json>``.
 
@@ -56,6 +61,31 @@ if TYPE_CHECKING:
     from otpd.service import Service
 
 log = logging.getLogger("otpd.transports.redis")
+
+# Stream replies carry this field too: what marks a stream as otpd's reply stream.
+REPLY_MARK = ("otpd", "reply")
+
+# KEYS[1] reply stream; ARGV: field, body, maxlen, ttl ms, mark field, mark value.
+# Returns 1 when written, 0 when the key is somebody else's (left untouched).
+_WRITE_REPLY = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'stream' then
+  local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  local ours = false
+  if #newest == 1 then
+    local fields = newest[1][2]
+    for i = 1, #fields - 1, 2 do
+      if fields[i] == ARGV[5] and fields[i + 1] == ARGV[6] then ours = true end
+    end
+  end
+  if not ours then return 0 end
+elseif kind ~= 'none' then
+  return 0
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', ARGV[1], ARGV[2], ARGV[5], ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
 
 BLOCK_MAX = 5.0  # s one XREADGROUP blocks at most (stop and reclaims stay timely)
 POOL_SIZE = 8  # connections: the blocking read or the subscription, acks, replies
@@ -285,10 +315,11 @@ class RedisConsumer(Consumer):
         if client is None:
             raise ConnectionError("not connected to Redis")
         if self.settings.mode == "stream":
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.xadd(topic, {STREAM_FIELD: body}, maxlen=self.settings.reply_maxlen,
-                          approximate=True)
-                pipe.expire(topic, self.settings.reply_ttl)
-                await pipe.execute()
+            written = await client.register_script(_WRITE_REPLY)(
+                keys=[topic],
+                args=[STREAM_FIELD, body, self.settings.reply_maxlen,
+                      self.settings.reply_ttl * 1000, *REPLY_MARK])
+            if not written:
+                raise ValueError(f"{topic!r} exists and is not a reply stream; left untouched")
         else:
             await client.publish(topic, body)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from otpd.app.daemon import store_key_prefixes
 from otpd.broker import BrokerServer
 from otpd.channels.sms.simulator import ModemSimulator, SentMessage
 from otpd.client import AsyncOtpClient, ClientConfig, parse_client_config
@@ -124,8 +125,10 @@ class Gateway:
 
     async def start(self, toml: str, default_wait: float = 5.0) -> list[Consumer]:
         """Start the consumers of broker tables ``toml`` on the daemon's service."""
-        assert self.run.daemon.service is not None
-        started = build_consumers(broker_settings(toml), self.run.daemon.service, default_wait)
+        daemon = self.run.daemon
+        assert daemon.service is not None
+        started = build_consumers(broker_settings(toml), daemon.service, default_wait,
+                                  store_key_prefixes(daemon.settings.store))
         for consumer in started:
             await consumer.start()
         self.consumers.extend(started)

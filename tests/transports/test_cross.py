@@ -83,22 +83,28 @@ signing_key = "{KEY}"
     envelope = {"command": "send-email", "callback_delay": 50,
                 "data": {"id": "x1", "receiver": to, "subject": "S", "message": "signed"}}
 
-    for label, body in [
+    refused = [
         ("unsigned", dict(envelope)),
         ("wrong key", sign(envelope, "not-the-key")),
         ("stale", sign(envelope, KEY, now=time.time() - 3600)),
         ("tampered", {**sign(envelope, KEY), "data": {**envelope["data"],  # type: ignore[dict-item]
                                                       "receiver": "evil@example.org"}}),
-    ]:
-        cb = unique("cb")
-        reply = await php_request(redis, topic, json.dumps({**body, "callback_topic": cb})
-                                  .encode(), cb)
-        assert reply["response_code"] == "1100", label
-    assert consumer.status()["errors"] == 4
+    ]
+    # A refused message gets no answer at all: the listener hears nothing on
+    # any of their callback topics.
+    listener = redis.pubsub(ignore_subscribe_messages=True)
+    callbacks = [unique("cb") for _ in refused]
+    await listener.subscribe(*callbacks)
+    for (_label, body), cb in zip(refused, callbacks, strict=True):
+        await redis.publish(topic, json.dumps({**body, "callback_topic": cb}).encode())
+    await wait_until(lambda: consumer.status()["errors"] == 4, 10, "four refusals")
 
     cb = unique("cb")
     signed = sign({**envelope, "callback_topic": cb}, KEY)
     reply = await php_request(redis, topic, json.dumps(signed).encode(), cb)
     assert reply["response_code"] == "0000"
+    # Refusals were answered (if at all) before this reply was even requested.
+    assert await listener.get_message(timeout=0.5) is None
+    await listener.aclose()  # type: ignore[no-untyped-call]
     await gateway.mail(to)
     assert not gateway.mails_to("evil@example.org")

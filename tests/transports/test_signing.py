@@ -11,7 +11,7 @@ import pytest
 from otpd.wire.signing import SignatureError, canonical_bytes, sign, verify
 
 NOW = 1_700_000_000
-ENV = {"command": "send-sms", "callback_topic": "cb/1",
+ENV = {"command": "send-sms", "callback_topic": "cb/1", "nonce": "n1",
        "data": {"receiver": "0812", "message": "Kode é %s", "id": 7}}
 
 
@@ -19,7 +19,7 @@ def test_scheme_is_hmac_sha256_of_sorted_compact_json_without_signature() -> Non
     signed = sign(ENV, "key", now=NOW)
     assert signed["timestamp"] == NOW
     canonical = ('{"callback_topic":"cb/1","command":"send-sms","data":{"id":7,'
-                 '"message":"Kode é %s","receiver":"0812"},"timestamp":1700000000}')
+                 '"message":"Kode é %s","receiver":"0812"},"nonce":"n1","timestamp":1700000000}')
     assert canonical_bytes(signed) == canonical.encode("utf-8")
     expected = hmac.new(b"key", canonical.encode("utf-8"), hashlib.sha256).hexdigest()
     assert signed["signature"] == expected
