@@ -386,7 +386,7 @@ class Consumer(ABC):
         try:
             response = await self.service.execute(
                 env, wait=self.reply_wait if wants_reply else 0.0, on_stored=on_stored,
-                transport=self.name,
+                transport=self.name, grants=self.common.grants,
             )
         except Exception as exc:
             # A bug, not a broker problem: drop the message rather than have it
