@@ -89,6 +89,8 @@ def parse_settings(text: str, path: Path | None = None) -> Settings:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path or 'config'}: invalid TOML: {exc}"]) from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError([f"{path or 'config'}: invalid TOML: nested too deeply"]) from None
     errors: list[str] = []
     root = Section(data, "", errors)
 

@@ -9,6 +9,7 @@ survives a power cut.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -419,8 +420,19 @@ class SqliteStore:
         return await self._tx(run)
 
 
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 whatever the umask (it holds OTP hashes and
+    sealed message text); SQLite gives its -wal and -shm files the same mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _create_private(path)
     conn = sqlite3.connect(path, isolation_level=None)  # transactions are explicit
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]

@@ -158,3 +158,10 @@ def test_check_config_cli(tmp_path: Path) -> None:
     good.chmod(0o640)
     out = check(good)
     assert out.returncode == 0 and "world-readable" not in out.stderr
+
+
+@pytest.mark.parametrize("nested", ["[" * 100_000 + "]" * 100_000,
+                                    "{a = " * 50_000 + "1" + "}" * 50_000])
+def test_deeply_nested_toml_is_a_config_error(nested: str) -> None:
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_settings(f"x = {nested}\n")

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,14 @@ async def test_purge_in_bulk(store: SqliteStore) -> None:
     assert (otps, msgs) == (25, 10)
     counts = await store.counts()
     assert counts["otp"] == 25 and counts["outbox_pending"] == 40
+
+
+async def test_database_file_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # a shell's usual umask: new files 0644
+    try:
+        store = await SqliteStore.open(tmp_path / "new" / "otpd.db")
+        await store.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new" / "otpd.db").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
