@@ -249,6 +249,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         users = Path(tmp) / "users"
         users.write_text(f"{USER}:{hash_password(PASSWORD, cost=4)}\n")
+        # The default ACL file next to the users file: one account, one topic.
+        (Path(tmp) / "broker.acl").write_text(f"{USER} pubsub={TOPIC}\n")
         runs: dict[str, list[Result]] = {"raw": [], "otpd": []}
         for _ in range(args.rounds):
             for kind, results in runs.items():

@@ -602,10 +602,13 @@ class Ws(Broker):
     async def setup(self) -> None:
         users = self.work / "ws-users"
         set_user(users, WS_USER, WS_PASSWORD, cost=4)
+        # The bench account is both publisher and daemon, on fresh topics each round.
+        acl = self.work / "ws-broker.acl"
+        acl.write_text(f"{WS_USER} pubsub=*\n")
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "otpd", "broker", "--listen", f"127.0.0.1:{self.port}",
-             "--htpasswd", str(users), "--queue", str(64 * 1024 * 1024)],
+             "--htpasswd", str(users), "--acl", str(acl), "--queue", str(64 * 1024 * 1024)],
             cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         await wait_until(lambda: tcp_open(self.port), 15, "otpd broker")
 

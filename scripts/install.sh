@@ -6,7 +6,9 @@
 #   /opt/otpd               virtual environment: the pinned requirements.lock,
 #                           then otpd itself (--no-deps); /opt/otpd/bin/otpd
 #   /etc/otpd               0750 root:otpd; otpd.toml from etc/otpd.example.toml
-#                           (0640 root:otpd), only if there is none yet
+#                           (0640 root:otpd), only if there is none yet;
+#                           broker.acl.example for otpd broker (its broker.acl
+#                           is never written: a user without a rule gets nothing)
 #   /var/lib/otpd           0750 otpd:otpd (database, OTP key)
 #   /etc/systemd/system     otpd.service, otpd-broker.service
 #   /etc/udev/rules.d       77-otpd-modems.rules (stable modem names, ModemManager opt-out)
@@ -236,6 +238,12 @@ if [ ! -e "$etc_dir/otpd.toml" ]; then
 fi
 # The example of this version, for reference next to the live file.
 put_file "$repo/etc/otpd.example.toml" "$etc_dir/otpd.example.toml" 640 0 "$gid"
+# otpd broker's topic permissions: the example only; the live file is the operator's.
+put_file "$repo/etc/broker.acl.example" "$etc_dir/broker.acl.example" 640 0 "$gid"
+if [ -f "$etc_dir/broker.htpasswd" ] && [ ! -e "$etc_dir/broker.acl" ]; then
+    note "otpd broker refuses every user until $etc_dir/broker.acl exists;" \
+        "start from $etc_dir/broker.acl.example, then: systemctl reload otpd-broker"
+fi
 directory "$state_dir" 750 "$uid" "$gid"
 
 # -- systemd units and udev rules ---------------------------------------------------

@@ -1,4 +1,5 @@
-"""``otpd broker``: run the WebSocket message broker until SIGINT/SIGTERM."""
+"""``otpd broker``: run the WebSocket message broker until SIGINT/SIGTERM;
+SIGHUP reloads the users and ACL files."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import sys
 from pathlib import Path
 
 from otpd.auth.htpasswd import HtpasswdError
-from otpd.broker.server import BrokerServer, BrokerSettings
+from otpd.broker.acl import AclError
+from otpd.broker.server import ACL_FILE_NAME, BrokerServer, BrokerSettings
 
 log = logging.getLogger("otpd.broker")
 
@@ -47,7 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "Relay text frames between authenticated WebSocket clients on the same "
             "?topic=. Clients authenticate with HTTP Basic against an htpasswd file "
             "(bcrypt, apr1 or {SHA}). The PHP OTP-Publisher client sends the user "
-            "name as the password, so give its user that password."
+            "name as the password, so give its user that password. Who may publish "
+            "and subscribe on which topic is in the ACL file (--acl); a user without "
+            "a rule there gets nothing. SIGHUP reloads both files."
         ),
     )
     p.add_argument(
@@ -58,6 +62,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="address to listen on (default 127.0.0.1:9000)",
     )
     p.add_argument("--htpasswd", type=Path, required=True, metavar="FILE", help="users file")
+    p.add_argument(
+        "--acl",
+        type=Path,
+        metavar="FILE",
+        help=f"topic permissions (default: {ACL_FILE_NAME} next to the users file; "
+        "see etc/broker.acl.example)",
+    )
     p.add_argument("--path", default="/ws", help="WebSocket path (default /ws; /ws/ also works)")
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate (enables wss)")
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key")
@@ -86,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     host, port = args.listen
     config = BrokerSettings(
         htpasswd=args.htpasswd,
+        acl=args.acl,
         host=host,
         port=port,
         path=args.path,
@@ -109,7 +121,7 @@ async def _serve(config: BrokerSettings) -> int:
     broker = BrokerServer(config)
     try:
         await broker.start()
-    except HtpasswdError as exc:
+    except (HtpasswdError, AclError) as exc:
         print(f"otpd broker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except (OSError, ssl.SSLError) as exc:
@@ -119,11 +131,12 @@ async def _serve(config: BrokerSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, broker.reload)
     try:
         await stop.wait()
         log.info("shutting down")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await broker.stop()
     return EXIT_OK

@@ -20,6 +20,8 @@ from collections import deque
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 
+from otpd.broker.acl import Access
+
 log = logging.getLogger("otpd.broker")
 
 # Write directly only while the socket's pending output is below websockets'
@@ -29,7 +31,8 @@ DIRECT_WRITE_LIMIT = 32 * 1024
 
 
 class Subscriber:
-    """One authenticated connection on one topic."""
+    """One authenticated connection on one topic, with what its user may do
+    there (``access``: changed in place when the ACL file is reloaded)."""
 
     def __init__(
         self,
@@ -40,11 +43,13 @@ class Subscriber:
         peer: str,
         queue_bytes: int,
         send_timeout: float,
+        access: Access,
     ) -> None:
         self.ws = ws
         self.user = user
         self.topic = topic
         self.peer = peer
+        self.access = access
         self.drop_reason: str | None = None
         self._queue_bytes = queue_bytes
         self._send_timeout = send_timeout
@@ -151,6 +156,10 @@ class Hub:
         if not subs:
             del self._topics[sub.topic]
 
+    def subscribers(self) -> list[Subscriber]:
+        """Every connection, as a list (the caller may close some)."""
+        return [sub for subs in self._topics.values() for sub in subs]
+
     def abort_all(self) -> None:
         """Cut every connection at once (shutdown of clients that do not read)."""
         for subs in self._topics.values():
@@ -158,14 +167,15 @@ class Hub:
                 sub.ws.transport.abort()
 
     def publish(self, sender: Subscriber, data: bytes) -> int:
-        """Queue ``data`` for every other subscriber of the sender's topic;
-        returns how many receivers it was offered to."""
+        """Queue ``data`` for every other connection on the sender's topic whose
+        user may subscribe there; returns how many receivers it was offered to.
+        (Whether the sender may publish is the caller's check.)"""
         receivers = 0
         direct: list[ServerConnection] = []
         # A copy: offer() may drop a subscriber, and a drop may one day
         # unregister synchronously.
         for sub in tuple(self._topics.get(sender.topic, ())):
-            if sub is sender:
+            if sub is sender or not sub.access.subscribe:
                 continue
             receivers += 1
             if sub.writable_now():

@@ -21,6 +21,20 @@ Wire behaviour, compatible with the PHP (Ratchet) and Java brokers' clients:
   further behind than that, or whose socket does not drain for
   ``send_timeout``, is cut off (TCP abort, seen as 1006) so that it never slows
   the others. Dead peers are found by ping/pong (every 20 s, 20 s timeout).
+
+Topic permissions (:mod:`otpd.broker.acl`, file ``settings.acl_path``):
+
+* After authentication the user needs publish or subscribe permission on the
+  topic, else ``403``. A user no rule names is refused the same way, and a
+  missing ACL file means nobody gets in (both logged).
+* A connection without subscribe permission never receives a frame of its
+  topic. A frame from a connection without publish permission is not relayed:
+  it is logged and the connection is closed with 1008 (policy violation), so a
+  misbehaving client learns of it and cannot fill the log one line per frame.
+* :meth:`BrokerServer.reload` (SIGHUP) re-reads the ACL and users files. A bad
+  file keeps the rules in force (logged with its line). Open connections are
+  re-checked: one whose user was removed or lost both rights is closed with
+  1008; otherwise its rights change in place.
 """
 
 from __future__ import annotations
@@ -41,7 +55,9 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from otpd.auth.basic import parse_basic_auth
-from otpd.auth.htpasswd import HtpasswdFile
+from otpd.auth.htpasswd import HtpasswdError, HtpasswdFile
+from otpd.broker import acl as acl_file
+from otpd.broker.acl import Access, Acl, AclError
 from otpd.broker.hub import Hub, Subscriber
 
 log = logging.getLogger("otpd.broker")
@@ -52,6 +68,7 @@ _wire_log.setLevel(logging.WARNING)
 
 REALM = "otpd-broker"
 MAX_TOPIC_LENGTH = 255
+ACL_FILE_NAME = "broker.acl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +76,8 @@ class BrokerSettings:
     """Broker settings; defaults match the CLI's."""
 
     htpasswd: Path
+    # Topic permissions; None: ``broker.acl`` next to the htpasswd file.
+    acl: Path | None = None
     host: str = "127.0.0.1"
     port: int = 9000
     path: str = "/ws"
@@ -73,6 +92,11 @@ class BrokerSettings:
     close_timeout: float = 5.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
+
+    @property
+    def acl_path(self) -> Path:
+        """The ACL file in force."""
+        return self.acl if self.acl is not None else self.htpasswd.parent / ACL_FILE_NAME
 
     def validate(self) -> list[str]:
         errors = []
@@ -112,14 +136,26 @@ def _valid_topic(topic: str) -> bool:
 
 
 class BrokerServer:
-    """Start with :meth:`start`, stop with :meth:`stop` (or ``async with``)."""
+    """Start with :meth:`start`, stop with :meth:`stop` (or ``async with``).
 
-    def __init__(self, config: BrokerSettings, users: HtpasswdFile | None = None) -> None:
+    ``users`` and ``acl`` replace the first reading of the htpasswd and ACL
+    files; :meth:`reload` always reads the files.
+    """
+
+    def __init__(
+        self,
+        config: BrokerSettings,
+        users: HtpasswdFile | None = None,
+        acl: Acl | None = None,
+    ) -> None:
         errors = config.validate()
         if errors:
             raise ValueError("; ".join(errors))
         self.config = config
         self._users = users
+        self._acl = acl
+        # Close handshakes started by a reload; held so they are not collected.
+        self._closing: set[asyncio.Task[None]] = set()
         self._hub = Hub()
         self._server: Server | None = None
         self._path = config.path.rstrip("/")
@@ -131,14 +167,18 @@ class BrokerServer:
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
-        """Load the users file, bind and start accepting connections.
+        """Load the users and ACL files, bind and start accepting connections.
 
-        Raises HtpasswdError, OSError (bind, TLS files) or ssl.SSLError.
+        Raises HtpasswdError, AclError, OSError (bind, TLS files) or ssl.SSLError.
+        A missing ACL file is not an error: nobody gets in (logged).
         """
         if self._users is None:
             self._users = HtpasswdFile.load(self.config.htpasswd)
         for user in self._users.weak_entries:
             log.warning("user %r has a plaintext or unsupported hash and cannot log in", user)
+        if self._acl is None:
+            self._acl = self._read_acl()
+        self._log_acl_coverage()
         cfg = self.config
         self._server = await serve(
             self._handle,
@@ -175,6 +215,76 @@ class BrokerServer:
             self._hub.abort_all()
             await server.wait_closed()
         log.info("broker stopped")
+
+    # -- permissions -------------------------------------------------------------
+    def _read_acl(self) -> Acl:
+        """The ACL file's rules; empty (nobody gets in) if there is no file.
+        Raises AclError."""
+        path = self.config.acl_path
+        try:
+            rules = acl_file.load(path)
+        except FileNotFoundError:
+            log.error(
+                "ACL file %s does not exist: nobody may publish or subscribe; "
+                "write it (see broker.acl.example) and reload (SIGHUP)",
+                path,
+            )
+            return Acl()
+        log.info("topic permissions from %s: %d grants for %d users", path, len(rules),
+                 len(rules.users))
+        return rules
+
+    def _log_acl_coverage(self) -> None:
+        assert self._users is not None and self._acl is not None
+        for user in self._users.users:
+            if not self._acl.has_rule(user):
+                log.warning("user %r has no rule in the ACL file %s and cannot connect",
+                            user, self.config.acl_path)
+
+    def reload(self) -> None:
+        """Re-read the users and ACL files (SIGHUP) and re-check open connections.
+
+        A file that cannot be used is logged and the previous one stays in force.
+        """
+        log.info("reloading %s and %s", self.config.htpasswd, self.config.acl_path)
+        if self._users is not None:
+            try:
+                if self._users.reload():
+                    log.info("reloaded users file %s (%d users)", self.config.htpasswd,
+                             len(self._users.users))
+            except HtpasswdError as exc:
+                log.error("keeping the previous users; cannot reload: %s", exc)
+        try:
+            self._acl = self._read_acl()
+        except AclError as exc:
+            log.error("keeping the previous topic permissions; cannot reload: %s", exc)
+        if self._users is not None and self._acl is not None:
+            self._log_acl_coverage()
+            self._recheck(set(self._users.users))
+
+    def _recheck(self, users: set[str]) -> None:
+        assert self._acl is not None
+        for sub in self._hub.subscribers():
+            access = self._acl.access(sub.user, sub.topic)
+            if sub.user not in users:
+                reason = "user removed"
+            elif not access:
+                reason = "no permission on this topic"
+            else:
+                if access != sub.access:
+                    log.info("access changed user=%r topic=%r peer=%s: %s -> %s",
+                             sub.user, sub.topic, sub.peer, sub.access, access)
+                    sub.access = access
+                continue
+            log.warning("closing user=%r topic=%r peer=%s after reload: %s",
+                        sub.user, sub.topic, sub.peer, reason)
+            sub.access = Access()
+            self._close_later(sub.ws, reason)
+
+    def _close_later(self, ws: ServerConnection, reason: str) -> None:
+        task = asyncio.create_task(ws.close(CloseCode.POLICY_VIOLATION, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def __aenter__(self) -> BrokerServer:
         await self.start()
@@ -228,7 +338,18 @@ class BrokerServer:
                 _peer(ws),
             )
             return self._reject(ws, http.HTTPStatus.UNAUTHORIZED, "Unauthorized")
-        self._logins[ws] = _Login(credentials[0], topics[0])
+        user, topic = credentials[0], topics[0]
+        assert self._acl is not None
+        if not self._acl.has_rule(user):
+            log.warning("refused user=%r topic=%r peer=%s: the user has no rule in the ACL file %s",
+                        user, topic, _peer(ws), self.config.acl_path)
+            return self._reject(ws, http.HTTPStatus.FORBIDDEN, "Forbidden")
+        if not self._acl.access(user, topic):
+            log.warning("refused user=%r topic=%r peer=%s: "
+                        "no publish or subscribe permission on this topic",
+                        user, topic, _peer(ws))
+            return self._reject(ws, http.HTTPStatus.FORBIDDEN, "Forbidden")
+        self._logins[ws] = _Login(user, topic)
         return None
 
     # -- connection ------------------------------------------------------------
@@ -236,6 +357,13 @@ class BrokerServer:
         login = self._logins.pop(ws, None)
         if login is None:  # cannot happen: the handshake hook accepted it
             await ws.close(CloseCode.INTERNAL_ERROR)
+            return
+        # Asked again, without an await before hub.add: a reload may have
+        # happened since the handshake hook.
+        assert self._acl is not None
+        access = self._acl.access(login.user, login.topic)
+        if not access:
+            await ws.close(CloseCode.POLICY_VIOLATION, "no permission on this topic")
             return
         cfg = self.config
         sub = Subscriber(
@@ -245,14 +373,22 @@ class BrokerServer:
             peer=_peer(ws),
             queue_bytes=cfg.queue_bytes,
             send_timeout=cfg.send_timeout,
+            access=access,
         )
         self._hub.add(sub)
         writer = asyncio.create_task(sub.run_writer(), name=f"broker-writer-{sub.peer}")
-        log.info("connect user=%r topic=%r peer=%s", sub.user, sub.topic, sub.peer)
+        log.info("connect user=%r topic=%r peer=%s access=%s", sub.user, sub.topic, sub.peer,
+                 access)
         try:
             async for message in ws:
                 if isinstance(message, bytes):
                     await ws.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+                    break
+                if not sub.access.publish:
+                    log.warning("refused a frame from user=%r topic=%r peer=%s: no publish "
+                                "permission on this topic; closing (1008)",
+                                sub.user, sub.topic, sub.peer)
+                    await ws.close(CloseCode.POLICY_VIOLATION, "no publish permission")
                     break
                 self._hub.publish(sub, message.encode("utf-8"))
         except ConnectionClosed:

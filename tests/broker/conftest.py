@@ -32,8 +32,18 @@ def users_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def config(users_file: Path) -> BrokerConfig:
-    return BrokerConfig(htpasswd=users_file, port=0)
+def acl_file(tmp_path: Path) -> Path:
+    """Every user of :data:`PASSWORDS` may publish and subscribe anywhere (the
+    relay and handshake tests); test_broker_acl.py writes its own files."""
+    path = tmp_path / "acl"
+    # carol: added to the users file by a test while the broker runs.
+    path.write_text("".join(f"{user} pubsub=*\n" for user in [*PASSWORDS, "carol"]))
+    return path
+
+
+@pytest.fixture
+def config(users_file: Path, acl_file: Path) -> BrokerConfig:
+    return BrokerConfig(htpasswd=users_file, acl=acl_file, port=0)
 
 
 MakeBroker = Callable[..., Awaitable[BrokerServer]]

@@ -43,6 +43,7 @@ def test_defaults() -> None:
     assert args.max_message == 65536
     assert args.tls_cert is None and args.tls_key is None
     assert args.htpasswd == Path("/etc/otpd/broker.users")
+    assert args.acl is None  # broker.acl next to the users file
     assert callable(args.func)
 
 
@@ -50,7 +51,9 @@ def test_options() -> None:
     args = parse(
         "broker", "--listen", "[::1]:9443", "--htpasswd", "u", "--path", "/ws/",
         "--tls-cert", "c.pem", "--tls-key", "k.pem", "--max-message", "1024",
+        "--acl", "/etc/otpd/topics.acl",
     )  # fmt: skip
+    assert args.acl == Path("/etc/otpd/topics.acl")
     assert args.listen == ("::1", 9443)
     assert args.path == "/ws/"
     assert args.max_message == 1024
@@ -84,10 +87,10 @@ def test_bad_users_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "cannot read" in capsys.readouterr().err
 
 
-async def test_runs_until_sigterm(users_file: Path) -> None:
+async def test_runs_until_sigterm(users_file: Path, acl_file: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", RUNNER, "broker", "--htpasswd", str(users_file),
-        "--listen", "127.0.0.1:0", "--path", "/ws/",
+        "--acl", str(acl_file), "--listen", "127.0.0.1:0", "--path", "/ws/",
         stderr=asyncio.subprocess.PIPE,
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip

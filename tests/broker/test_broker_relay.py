@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 
 from otpd.aio import within
 from otpd.broker import BrokerServer
+from otpd.broker.acl import Access
 from otpd.broker.hub import Subscriber
 from tests.support.waiting import wait_until
 
@@ -244,6 +245,7 @@ def make_sub(ws: FakeWs, queue_bytes: int = 10, send_timeout: float = 5.0) -> Su
         peer="p",
         queue_bytes=queue_bytes,
         send_timeout=send_timeout,
+        access=Access(publish=True, subscribe=True),
     )
 
 

@@ -1,5 +1,5 @@
-"""What talking to a broker needs: names, envelopes, ``otpd broker`` accounts,
-broker settings as the daemon parses them."""
+"""What talking to a broker needs: names, envelopes, ``otpd broker`` accounts
+and topic permissions, broker settings as the daemon parses them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from otpd.auth.htpasswd import hash_password
 from otpd.broker import BrokerConfig, BrokerServer
+from otpd.broker.server import ACL_FILE_NAME
 from otpd.settings_reader import ConfigError, Section
 from otpd.transports.settings import BrokerSettings, parse_broker_settings
 
@@ -45,15 +46,34 @@ def command(name: str, data: dict[str, Any], **top: Any) -> bytes:
     return json.dumps({"command": name, "data": data, **top}).encode()
 
 
+# Topic permissions of the suites' brokers. The suites use random topic names,
+# so their accounts may do anything; tests/broker/test_broker_acl.py checks
+# the daemon/app separation of etc/broker.acl.example.
+ALLOW_ALL_ACL = "* pubsub=*\n"
+
+
+def broker_acl(users: Path, rules: str | None = None) -> Path:
+    """Write ``rules`` (default :data:`ALLOW_ALL_ACL`) to the ACL file next to
+    the htpasswd file ``users``, where ``otpd broker`` looks by default."""
+    path = users.parent / ACL_FILE_NAME
+    path.write_text(ALLOW_ALL_ACL if rules is None else rules)
+    return path
+
+
 def broker_users(path: Path, accounts: dict[str, str] | None = None) -> Path:
-    """An htpasswd file for ``otpd broker`` (default: :data:`ACCOUNTS`)."""
+    """An htpasswd file for ``otpd broker`` (default: :data:`ACCOUNTS`), and
+    next to it an ACL file letting every account do anything."""
     path.write_text("".join(f"{user}:{hash_password(password, cost=4)}\n"
                             for user, password in (accounts or ACCOUNTS).items()))
+    broker_acl(path)
     return path
 
 
 async def start_ws_broker(users: Path, port: int = 0) -> BrokerServer:
-    """An ``otpd broker`` (WebSocket message broker) for ``users`` (0: a free port)."""
+    """An ``otpd broker`` (WebSocket message broker) for ``users`` (0: a free
+    port), with the ACL file next to ``users`` (allow-all if there is none)."""
+    if not (users.parent / ACL_FILE_NAME).exists():
+        broker_acl(users)
     server = BrokerServer(BrokerConfig(htpasswd=users, port=port))
     await server.start()
     return server
