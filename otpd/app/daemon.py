@@ -17,7 +17,7 @@ from otpd.app.control import ControlServer
 from otpd.app.ddns import DdnsUpdater
 from otpd.app.ddns_settings import DdnsSettings
 from otpd.app.settings import Settings, load_settings
-from otpd.auth.htpasswd import HtpasswdError, HtpasswdFile
+from otpd.auth.htpasswd import SALTED_SCHEMES, HtpasswdError, HtpasswdFile
 from otpd.channels.email import SmtpChannel
 from otpd.channels.sms.quota import QuotaError
 from otpd.channels.sms.quota import SimQuota as PoolQuota
@@ -206,13 +206,13 @@ class Daemon:
                       " (create a user with: otpd passwd USER)", path)
             return None
         try:
-            users = HtpasswdFile.load(path)
+            users = HtpasswdFile.load(path, accept=SALTED_SCHEMES)
         except HtpasswdError as exc:
             log.error("server.users_file: %s", exc)
             return None
         for user in users.weak_entries:
-            log.warning("server.users_file: user %r has a plaintext or weak hash and is refused;"
-                        " reset it with: otpd passwd %s", user, user)
+            log.warning("server.users_file: user %r has a plaintext or unsalted ({SHA}) hash and"
+                        " is refused; reset it with: otpd passwd %s", user, user)
         return users
 
     async def stop(self) -> None:

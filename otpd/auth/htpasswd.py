@@ -4,7 +4,10 @@ Accepted hash formats are the ones Apache's ``htpasswd`` writes: bcrypt
 (``$2y$``, also ``$2a$``/``$2b$``), ``$apr1$`` (Apache MD5-crypt, plus the
 identical-but-for-the-magic ``$1$``) and ``{SHA}`` (base64 SHA-1, unsalted).
 Plaintext, crypt(3) DES and anything unrecognised are refused: such users can
-never log in and are listed in :attr:`HtpasswdFile.weak_entries`.
+never log in and are listed in :attr:`HtpasswdFile.weak_entries`. A reader may
+refuse more (``accept``): the REST API takes only salted hashes (bcrypt,
+apr1), since an unsalted ``{SHA}`` entry falls to a lookup table once the file
+leaks; ``otpd broker`` keeps ``{SHA}`` for PHP-era files.
 
 Timing: an unknown (or refused) user costs the same work as the file's most
 common real entry, so response times do not reveal which users exist.
@@ -35,6 +38,8 @@ import bcrypt
 log = logging.getLogger(__name__)
 
 Scheme = Literal["bcrypt", "md5crypt", "sha1"]
+ALL_SCHEMES: Final[frozenset[Scheme]] = frozenset(("bcrypt", "md5crypt", "sha1"))
+SALTED_SCHEMES: Final[frozenset[Scheme]] = frozenset(("bcrypt", "md5crypt"))
 
 # bcrypt only looks at the first 72 bytes; Apache truncates the same way.
 BCRYPT_MAX_BYTES: Final = 72
@@ -208,8 +213,11 @@ def _parse(data: bytes) -> tuple[dict[str, _Entry], list[str]]:
 class HtpasswdFile:
     """An htpasswd users file held in memory; see the module docstring."""
 
-    def __init__(self, path: str | os.PathLike[str], entries: dict[str, _Entry]) -> None:
+    def __init__(self, path: str | os.PathLike[str], entries: dict[str, _Entry],
+                 accept: frozenset[Scheme] = ALL_SCHEMES) -> None:
         self.path = Path(path)
+        self._accept = accept
+        entries = _refuse_others(entries, accept)
         self._entries = entries
         self._signature: tuple[int, int, int] | None = None
         self._cache_key = secrets.token_bytes(32)
@@ -224,11 +232,13 @@ class HtpasswdFile:
 
     # -- loading -------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> HtpasswdFile:
-        """Read and validate ``path``; raises HtpasswdError (also for I/O errors)."""
+    def load(cls, path: str | os.PathLike[str],
+             accept: frozenset[Scheme] = ALL_SCHEMES) -> HtpasswdFile:
+        """Read and validate ``path``; raises HtpasswdError (also for I/O errors).
+        Entries hashed with a scheme outside ``accept`` are refused (weak)."""
         p = Path(path)
         entries, signature = cls._read(p)
-        self = cls(p, entries)
+        self = cls(p, entries, accept)
         self._signature = signature
         return self
 
@@ -257,6 +267,7 @@ class HtpasswdFile:
         if (st.st_mtime_ns, st.st_size, st.st_ino) == self._signature:
             return False
         entries, signature = self._read(self.path)
+        entries = _refuse_others(entries, self._accept)
         with self._dummy_lock:
             self._entries = entries
             self._signature = signature
@@ -288,7 +299,8 @@ class HtpasswdFile:
 
     @property
     def weak_entries(self) -> list[str]:
-        """Users whose entry is refused (plaintext, crypt(3) DES or unknown)."""
+        """Users whose entry is refused (plaintext, crypt(3) DES, unknown, or a
+        scheme this reader does not accept)."""
         return [u for u, e in self._entries.items() if e.scheme is None]
 
     # -- verification --------------------------------------------------------
@@ -386,6 +398,11 @@ class HtpasswdFile:
             raise
         finally:
             del self._inflight[token]
+
+
+def _refuse_others(entries: dict[str, _Entry], accept: frozenset[Scheme]) -> dict[str, _Entry]:
+    return {user: e if e.scheme is None or e.scheme in accept else _Entry(e.hash, None)
+            for user, e in entries.items()}
 
 
 def _dominant_kind(entries: dict[str, _Entry]) -> tuple[Scheme, int]:

@@ -337,3 +337,17 @@ def test_new_file_is_not_world_readable(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "users").stat().st_mode) & 0o007 == 0
+
+
+def test_a_reader_of_salted_hashes_refuses_sha_entries_also_after_reload(
+        tmp_path: Path) -> None:
+    apr1 = MD5CRYPT_VECTORS[0]
+    path = write(tmp_path, f"alice:{SHA_VECTOR[0]}\nbob:{apr1[0]}\n")
+    assert HtpasswdFile.load(path).verify("alice", "password")  # the broker's reading
+    users = HtpasswdFile.load(path, accept=htpasswd.SALTED_SCHEMES)  # the REST API's
+    assert users.weak_entries == ["alice"]
+    assert not users.verify("alice", "password")
+    assert users.verify("bob", apr1[1])
+    path.write_text(f"carol:{SHA_VECTOR[0]}\n")  # another size: seen as changed
+    assert users.reload()
+    assert users.weak_entries == ["carol"] and not users.verify("carol", "password")
