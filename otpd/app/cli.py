@@ -7,7 +7,6 @@ import asyncio
 import getpass
 import json
 import os
-import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -18,8 +17,6 @@ from otpd import __version__
 from otpd.app.logsetup import setup_logging
 from otpd.app.settings import DEFAULT_CONFIG, Settings, load_settings
 from otpd.settings_reader import ConfigError
-
-_SECRET_KEYS = ("password", "pin", "secret", "token", "api_key")
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -53,38 +50,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def inline_secrets(raw: object, path: str = "") -> list[str]:
-    """Keys holding a secret written inline in the file."""
-    found: list[str] = []
-    if isinstance(raw, dict):
-        for key, value in raw.items():
-            full = f"{path}.{key}" if path else key
-            if isinstance(value, str) and value and any(key == s or key.endswith("_" + s)
-                                                        for s in _SECRET_KEYS):
-                found.append(full)
-            else:
-                found.extend(inline_secrets(value, full))
-    elif isinstance(raw, list):
-        for i, item in enumerate(raw):
-            found.extend(inline_secrets(item, f"{path}[{i}]"))
-    return found
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return 2
-    warnings: list[str] = []
-    secrets = inline_secrets(settings.raw)
-    mode = args.config.stat().st_mode
-    if secrets and mode & stat.S_IROTH:
-        warnings.append(
-            f"{args.config} is world-readable and holds secrets ({', '.join(secrets)}):"
-            f" chmod 640 it, or use *_file / *_env keys"
-        )
-    if not settings.server.users_file.exists() and settings.server.enabled:
-        warnings.append(f"server.users_file: {settings.server.users_file} does not exist"
-                        " (otpd passwd USER creates it)")
+    from otpd.app.config_warnings import config_warnings
+
+    warnings = config_warnings(settings, args.config)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{args.config}: OK")
