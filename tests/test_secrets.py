@@ -64,6 +64,9 @@ async def test_no_secret_in_logs_or_store(tmp_path: Path) -> None:
 
         [log]
         level = "debug"
+
+        [server.grants]
+        app = ["get-modem-list"]
     """, rest_port=port)
     log = tmp_path / "otpd.log"
     with log.open("ab") as err:

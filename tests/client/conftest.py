@@ -15,7 +15,14 @@ import pytest
 from otpd.channels.sms.simulator import ModemSimulator
 from tests.support.brokers import start_ws_broker, unique
 from tests.support.client_config import WS_PASSWORD, WS_USER, cleanup_topic, daemon_broker_block
-from tests.support.daemon import SMS_QUICK, modem_table, modems_ready, start_daemon, write_config
+from tests.support.daemon import (
+    API_USER,
+    SMS_QUICK,
+    modem_table,
+    modems_ready,
+    start_daemon,
+    write_config,
+)
 from tests.support.gateway import Gateway, MakeGateway
 from tests.support.mail import SmtpServer
 from tests.support.services import require_redis, require_service
@@ -47,8 +54,11 @@ async def make_gateway(tmp_path: Path, smtp: SmtpServer, session: aiohttp.Client
         home.mkdir()
         sim = ModemSimulator(home / "modem", name="sim1", seed=1, store_sent=True)
         await sim.start()
+        # The client's get_modem_list needs that grant (REST user and broker consumer).
+        grant = '["get-modem-list"]'
         extra = (modem_table("sim1", home / "modem") + SMS_QUICK
-                 + daemon_broker_block(method, topic, ws_port, broker_extra))
+                 + daemon_broker_block(method, topic, ws_port, f"grants = {grant}\n" + broker_extra)
+                 + f"[server.grants]\n{API_USER} = {grant}\n")
         config = write_config(home, extra, smtp_port=smtp.port, wait=5, otp_lines=otp_lines)
         run = await start_daemon(config, session)
         gw = Gateway(run, smtp, sim, method=method, topic=topic, broker=broker,

@@ -19,11 +19,13 @@ import pytest
 
 from otpd.channels.sms.simulator import ModemSimulator
 from tests.faults.helpers import modem
-from tests.support.daemon import SMS_FAST, Running, start_daemon, write_config
+from tests.support.daemon import API_USER, SMS_FAST, Running, start_daemon, write_config
 from tests.support.mail import tag_of, tagged
 from tests.support.waiting import wait_until
 
 SEND_DELAY = 0.4  # s the simulated network takes per SMS: long enough to fault mid-send
+# modems() reads get-modem-list, which the REST user needs granted.
+GRANTS = f'[server.grants]\n{API_USER} = ["get-modem-list"]\n'
 
 
 async def modems(run: Running) -> dict[str, dict[str, Any]]:
@@ -64,7 +66,7 @@ async def pair(tmp_path: Path, session: aiohttp.ClientSession
     await m1.start()
     await m2.start()
     config = write_config(tmp_path, modem("m1", tmp_path / "m1", '["0812"]')
-                          + modem("m2", tmp_path / "m2", '["0899"]') + SMS_FAST, wait=10)
+                          + modem("m2", tmp_path / "m2", '["0899"]') + SMS_FAST + GRANTS, wait=10)
     run = await start_daemon(config, session)
     try:
         await wait_state(run, "m1", {"ready"})
@@ -141,7 +143,7 @@ async def test_only_modem_vanishing_mid_send_delivers_after_it_returns(
         tmp_path: Path, session: aiohttp.ClientSession) -> None:
     sim = ModemSimulator(tmp_path / "solo", name="solo", seed=3, delay=SEND_DELAY)
     await sim.start()
-    config = write_config(tmp_path, modem("solo", tmp_path / "solo") + SMS_FAST, wait=0)
+    config = write_config(tmp_path, modem("solo", tmp_path / "solo") + SMS_FAST + GRANTS, wait=0)
     run = await start_daemon(config, session)
     try:
         await wait_state(run, "solo", {"ready"})
