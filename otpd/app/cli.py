@@ -17,6 +17,7 @@ from otpd import __version__
 from otpd.app.logsetup import setup_logging
 from otpd.app.settings import DEFAULT_CONFIG, Settings, load_settings
 from otpd.settings_reader import ConfigError
+from otpd.store.records import MESSAGE_STATES
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("outbox", help="pending and failed messages (receivers masked)")
     _add_control(p)
     p.add_argument("--state", action="append",
-                   choices=["pending", "sent", "failed", "expired"],
+                   choices=list(MESSAGE_STATES),
                    help="repeat for several (default: pending, failed, expired)")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")

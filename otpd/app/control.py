@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +70,8 @@ class ControlServer:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()  # a stale socket from a crash
-            old = os.umask(0o117)
-            try:
-                self._server = await asyncio.start_unix_server(self._client, path=self.path,
-                                                               limit=_MAX_LINE)
-            finally:
-                os.umask(old)
+            self._server = await asyncio.start_unix_server(
+                self._client, sock=_private_socket(self.path), limit=_MAX_LINE)
         except OSError as exc:
             log.warning("control.socket: cannot listen on %s (%s); otpd status/block/outbox"
                         " will not reach this daemon", self.path, exc.strerror or exc)
@@ -130,9 +127,16 @@ class ControlServer:
         return {"blocked": await self.store.blocked()}
 
     async def _outbox(self, request: dict[str, Any]) -> dict[str, Any]:
+        from otpd.store import MESSAGE_STATES  # here: reading the settings needs no store
+
         states = request.get("states") or ["pending", "failed", "expired"]
-        limit = min(int(request.get("limit", 50)), 1000)
-        rows = await self.store.recent_messages(states, limit)
+        if (not isinstance(states, list) or len(states) > len(MESSAGE_STATES)
+                or not all(isinstance(x, str) and x in MESSAGE_STATES for x in states)):
+            raise ValueError(f"states: a list of {', '.join(MESSAGE_STATES)}")
+        limit = request.get("limit", 50)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError("limit: a positive integer")
+        rows = await self.store.recent_messages(sorted(set(states)), min(limit, 1000))
         return {"messages": [
             {"id": r.id, "command": r.command, "channel": r.channel,
              "receiver": mask(r.receiver), "state": r.state, "code": r.code,
@@ -140,6 +144,24 @@ class ControlServer:
              "created_at": r.created_at, "expires_at": r.expires_at}
             for r in rows
         ]}
+
+
+def _private_socket(path: Path) -> socket.socket:
+    """A listening Unix socket created 0660: the umask is narrowed only around
+    the synchronous bind (no await in between, so no other task runs with it)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o117)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _answers(path: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from otpd.store.base import Store
 from otpd.store.records import (
+    MESSAGE_STATES,
     Claim,
     Duplicate,
     Finished,
@@ -17,6 +18,7 @@ from otpd.store.records import (
 from otpd.store.sqlite import SqliteStore
 
 __all__ = [
+    "MESSAGE_STATES",
     "Claim",
     "Duplicate",
     "Finished",

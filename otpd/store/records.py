@@ -10,6 +10,9 @@ from dataclasses import dataclass
 # The verify outcome is an OTP rule; the store protocol returns it, so it is re-exported.
 from otpd.otp_attempts import VerifyResult as VerifyResult
 
+# An outbox row's states (the schema's CHECK spells the same four).
+MESSAGE_STATES = ("pending", "sent", "failed", "expired")
+
 
 class StoreError(Exception):
     """The store could not complete a read or write (disk full, I/O error...)."""

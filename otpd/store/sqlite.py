@@ -19,6 +19,7 @@ from typing import TypeVar
 from otpd.otp_attempts import OtpState, VerifyResult, verify_step
 from otpd.store.migrations import migrate
 from otpd.store.records import (
+    MESSAGE_STATES,
     Claim,
     Duplicate,
     Finished,
@@ -181,7 +182,8 @@ class SqliteStore:
         return await self._tx(run)
 
     async def recent_messages(self, states: Sequence[str], limit: int) -> list[MessageRow]:
-        wanted = [s for s in states if s in ("pending", "sent", "failed", "expired")]
+        # Four placeholders in the query: each known state at most once.
+        wanted = sorted({s for s in states if s in MESSAGE_STATES})
 
         def run(c: sqlite3.Connection) -> list[MessageRow]:
             rows = c.execute(

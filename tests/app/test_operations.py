@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import signal
 import ssl
@@ -107,6 +108,15 @@ async def test_operator_cli_through_the_control_socket(tmp_path: Path, smtp: Smt
         out = await asyncio.to_thread(otpd, "outbox", "--state", "sent", "--config", str(config))
         assert "send-email" in out.stdout and "x***@example.org" in out.stdout
         assert "4242" not in out.stdout and "x@example.org" not in out.stdout
+        control = run.daemon.control
+        assert control is not None
+        for states in (["pending"] * 5, ["sent", "bogus"], "sent", [7]):
+            answer = await control.handle(json.dumps({"op": "outbox", "states": states}).encode())
+            assert answer["ok"] is False and "states" in answer["error"], states
+        answer = await control.handle(b'{"op": "outbox", "states": ["sent", "sent"]}')
+        assert answer["ok"] is True and len(answer["messages"]) == 1
+        answer = await control.handle(b'{"op": "outbox", "limit": "x"}')
+        assert answer["ok"] is False and "limit" in answer["error"]
         out = await asyncio.to_thread(otpd, "status", "--config", str(config))
         assert out.returncode == 0 and "smtp local: ok" in out.stdout
         out = await asyncio.to_thread(otpd, "unblock", "+628121111222", "--config", str(config))
