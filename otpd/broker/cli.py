@@ -122,7 +122,8 @@ async def _serve(config: BrokerSettings) -> int:
     try:
         await broker.start()
     except (HtpasswdError, AclError) as exc:
-        print(f"otpd broker: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # one per problem, each naming file and line
+            print(f"otpd broker: {line}", file=sys.stderr)
         return EXIT_CONFIG
     except (OSError, ssl.SSLError) as exc:
         print(f"otpd broker: cannot start: {exc}", file=sys.stderr)

@@ -10,8 +10,8 @@ Wire behaviour, compatible with the PHP (Ratchet) and Java brokers' clients:
 * ``Authorization: Basic user:pass`` sent raw (not base64), as the PHP
   OTP-Publisher client does, is accepted too. That client sends the user name
   as the password, so its user's htpasswd password must equal the user name.
-* A text frame is relayed to every other client on the same topic; never back
-  to the sender, never to another topic.
+* A text frame is relayed to every other client on the same topic whose user
+  may subscribe there; never back to the sender, never to another topic.
 * Binary frames are refused: the connection is closed with 1003 (unsupported
   data). Every OTP command is UTF-8 JSON, and otpd's consumer reads text only.
 * Messages over ``max_message`` bytes close the connection with 1009.
@@ -257,10 +257,13 @@ class BrokerServer:
         try:
             self._acl = self._read_acl()
         except AclError as exc:
-            log.error("keeping the previous topic permissions; cannot reload: %s", exc)
+            for problem in exc.problems:  # one journal line each, all with the path
+                log.error("keeping the previous topic permissions; cannot reload %s: %s",
+                          exc.source, problem)
         if self._users is not None and self._acl is not None:
             self._log_acl_coverage()
-            self._recheck(set(self._users.users))
+            # Users removed, or whose entry can no longer log in, are cut off.
+            self._recheck(set(self._users.users) - set(self._users.weak_entries))
 
     def _recheck(self, users: set[str]) -> None:
         assert self._acl is not None

@@ -239,12 +239,14 @@ def test_bad_acl_file_at_start_exits_2_naming_the_line(
     accounts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     acl = tmp_path / "broker.acl"
-    acl.write_text("# ok so far\notpd sub=sms\nkamshory pub=sms sub\n")
+    acl.write_text("# ok so far\notpd sub=sms\nkamshory pub=sms sub\nshop\n")
     args = parse("broker", "--htpasswd", str(accounts), "--acl", str(acl),
                  "--listen", "127.0.0.1:0")
     assert args.func(args) == 2
-    err = capsys.readouterr().err
-    assert f"otpd broker: {acl}: line 3: 'sub' is not PERMISSION=TOPICS" in err
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"otpd broker: {acl}: line 3: 'sub' is not PERMISSION=TOPICS",
+                   f"otpd broker: {acl}: line 4: user 'shop' has no PERMISSION=TOPICS "
+                   "(pub=, sub= or pubsub=)"]
 
 
 class BrokerProcess:
