@@ -64,6 +64,7 @@ from otpd.settings_reader import Section
 from otpd.wire.brokers import DEFAULT_TOPIC
 
 MAX_TOPIC_CHARS = 255
+MIN_SIGNING_KEY_BYTES = 32
 DEFAULT_PATHS = ("/api/otp", "/api/message", "/api/sms", "/api/email", "/api/block", "/api/unblock")
 
 
@@ -269,6 +270,11 @@ def _common(s: Section) -> Common:
     key = s.secret("signing_key")
     if require and not key:
         s.error("signing_key", "is required when require_signature = true")
+    elif key and len(key.encode("utf-8")) < MIN_SIGNING_KEY_BYTES:
+        # HMAC is only as strong as its key: a short one can be guessed offline
+        # from a single captured command.
+        s.error("signing_key", f"must be at least {MIN_SIGNING_KEY_BYTES} bytes (random; e.g."
+                               " `openssl rand -hex 32`)")
     tls_ca = s.str("tls_ca", "")
     grants = Grants(_grant_names(s, "grants"), _ussd_allow(s), s.key("grants"))
     return Common(

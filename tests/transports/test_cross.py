@@ -21,7 +21,7 @@ from tests.transports.test_redis import php_request
 
 pytestmark = pytest.mark.services
 
-KEY = "k3y-shared-with-the-app"
+KEY = "k3y-shared-with-the-app-0123456789"
 
 
 @pytest.fixture

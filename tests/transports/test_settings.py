@@ -29,11 +29,11 @@ def test_tls_default_port_and_secrets_not_in_repr(tmp_path: object,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MQTT_PW", "hunter2")
     s = broker_settings('[mqtt]\ntls = true\npassword_env = "MQTT_PW"\nprotocol = 5\n'
-                        'require_signature = true\nsigning_key = "sekrit"\n'
+                        'require_signature = true\nsigning_key = "sekrit-sekrit-sekrit-sekrit-sekrit"\n'
                         '[amqp]\nurl = "amqps://u:pw-in-url@rabbit.example:5671/vh"\n'
                         'reply_wait = 0\n')
     assert s.mqtt is not None and s.mqtt.port == 8883 and s.mqtt.password == "hunter2"
-    assert s.mqtt.common.signing_key == "sekrit" and s.mqtt.protocol == 5
+    assert s.mqtt.common.signing_key == "sekrit-sekrit-sekrit-sekrit-sekrit" and s.mqtt.protocol == 5
     assert s.amqp is not None and s.amqp.common.reply_wait == 0.0
     text = repr(s)
     assert "hunter2" not in text and "sekrit" not in text and "pw-in-url" not in text
@@ -55,6 +55,7 @@ protocl = 5
 require_signature = true
 [ws]
 url = "ws://h/ws"
+signing_key = "password1"
 reconnect_min = 10
 reconnect_max = 1
 topic = ""
@@ -70,6 +71,7 @@ topic = ""
         "mqtt.protocl: unknown key",
         "mqtt.signing_key: is required when require_signature = true",
         "ws.reconnect_max: must be >= reconnect_min",
+        "ws.signing_key: must be at least 32 bytes (random; e.g. `openssl rand -hex 32`)",
         "ws.topic: must be 1..255 printable characters",
     }
 
