@@ -11,7 +11,9 @@
 
 Every operation returns an :class:`OtpResponse`. Over REST the daemon always
 answers. Over a broker, ``verify-otp`` and ``get-modem-list`` wait for the
-daemon's answer on a reply topic of their own; ``request-otp``, ``send-*``
+daemon's answer on a reply topic of their own (the first message there that
+answers this very command, signed by the daemon when ``signing_key`` is set:
+see :mod:`otpd.client.replies`; others are ignored); ``request-otp``, ``send-*``
 and ``block``/``unblock`` wait only with ``wait_result=True`` (or
 ``[client] wait_result = true``), else they return a local ``1111``
 ("published") once the broker has the command. A command the daemon would
@@ -25,10 +27,11 @@ many tasks at once; it keeps its connection open until :meth:`close`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,6 +42,7 @@ from otpd.client.errors import ReplyTimeout
 from otpd.client.managed import Issued, ManagedOtps
 from otpd.client.otpstore import OtpStore, open_store
 from otpd.client.publishers import Transport, build_transport
+from otpd.client.replies import ReplyCheck
 from otpd.client.response import OtpResponse
 from otpd.msisdn import mask
 from otpd.settings_reader import ConfigError
@@ -205,12 +209,17 @@ class AsyncOtpClient:
         receiver = data.get("receiver")
         log.debug("%s %s%s via %s", command, mask(receiver) if isinstance(receiver, str) else "",
                   " (waiting for the answer)" if topic else "", t.describe())
+        accept: Callable[[bytes], OtpResponse]
+        if t.always_answers:  # straight back over the connection: no one else can answer
+            accept = functools.partial(OtpResponse.from_wire, command=command)
+        else:  # anyone may write on the reply topic: only the daemon's answer will do
+            accept = ReplyCheck.for_request(body, self.config.signing_key)
         answer = await t.request(body, topic, self.config.timeout if timeout is None else timeout,
-                                 command)
+                                 command, accept=accept)
         if answer is None:
             return OtpResponse.local_answer(command, Code.PENDING, _echo(data),
                                             "published; no result requested")
-        return OtpResponse.from_wire(answer, command)
+        return answer
 
     async def _create_managed(self, receiver: str, reference: str | int, lifetime: int,
                               message_format: str, params: tuple[str, str, str, str],

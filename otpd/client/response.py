@@ -73,11 +73,19 @@ class OtpResponse:
             raise TransportError(f"{command}: the answer is not JSON") from None
         if not isinstance(obj, dict):
             raise TransportError(f"{command}: the answer is not a JSON object")
+        try:
+            return cls.from_object(obj, command)
+        except ValueError as exc:
+            raise TransportError(f"{command}: the answer has {exc}") from None
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any], command: str) -> OtpResponse:
+        """An answer's parsed JSON object; ValueError without a response code."""
         code = obj.get("response_code", obj.get("response-code"))
         if isinstance(code, int) and not isinstance(code, bool):
             code = f"{code:04d}"
         if not isinstance(code, str) or not code:
-            raise TransportError(f"{command}: the answer has no response_code")
+            raise ValueError("no response_code")
         data = obj.get("data")
         message = obj.get("message") or obj.get("error") or obj.get("error_message")
         name = obj.get("command")

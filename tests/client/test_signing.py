@@ -1,5 +1,7 @@
 """With ``signing_key``, every envelope is signed so that a daemon broker table
-with ``require_signature = true`` executes it; unsigned or badly signed: 1100."""
+with ``require_signature = true`` executes it; unsigned or badly signed: not
+executed and not answered (ReplyTimeout). The client takes only replies
+signed with its key."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import pytest
 
 from otpd.client.envelope import encode, envelope
+from otpd.client.errors import ReplyTimeout
 from otpd.wire.protocol import parse_request
 from otpd.wire.signing import SignatureError, verify
 from tests.support.client_config import phone
@@ -36,10 +39,22 @@ async def test_daemon_requiring_signatures(method: str, make_gateway: MakeGatewa
     unsigned = gw.client(client="wait_result = true")
     wrong = gw.client(client='wait_result = true\nsigning_key = "not-the-key-at-all"')
     number = phone()
+    for client in (unsigned, wrong):
+        with pytest.raises(ReplyTimeout):  # refused unanswered
+            await client.send_sms(number, "forged", 60, timeout=1.5)
     r = await signed.send_sms(number, "signed", 60)
     assert r.response_code == "0000", r
-    assert await gw.sms_text(number[1:]) == "signed"
-    for client in (unsigned, wrong):
-        r = await client.send_sms(number, "forged", 60)
-        assert r.response_code == "1100" and "signature" in (r.message or ""), r
+    # The daemon takes commands in order: the refused ones were never sent.
+    assert await gw.sms_text(number[1:]) == "signed" and len(gw.sms_to(number[1:])) == 1
     assert (await signed.get_modem_list()).ok
+
+
+async def test_a_client_with_another_key_takes_no_reply(make_gateway: MakeGateway) -> None:
+    """The daemon signs its replies with its key even where it does not require
+    signatures: a client with another key cannot tell them from forgeries."""
+    gw = await make_gateway("redis", f'signing_key = "{KEY}"\n')
+    wrong = gw.client(client='signing_key = "not-the-key-at-all"')
+    with pytest.raises(ReplyTimeout, match=r"ignored.*signature: does not match"):
+        await wrong.verify_otp(phone(), "123456", "some-reference", timeout=2.0)
+    right = gw.client(client=f'signing_key = "{KEY}"')
+    assert (await right.verify_otp(phone(), "123456", "some-reference")).response_code == "1202"

@@ -4,43 +4,57 @@ only when an answer is awaited; local refusals publish nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
 from otpd.client import AsyncOtpClient, OtpResponse, TransportError, parse_client_config
 from otpd.client.publishers import Inbox, Transport
 from otpd.wire.protocol import parse_request
+from otpd.wire.signing import sign_reply
+
+
+class _Ready(Inbox):
+    def __init__(self, topic: str) -> None:
+        super().__init__(topic)
+        self.frames: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def receive(self) -> bytes:
+        return await self.frames.get()
 
 
 class Recorder(Transport):
-    """Keeps what is published; answers requests that carry a reply topic."""
+    """Keeps what is published; answers requests that carry a reply topic as the
+    daemon would (command as sent, receiver/reference/id echoed)."""
 
     method = "recorder"
-    answer: ClassVar[dict[str, Any]] = {"command": "x", "response_code": "0000", "data": {}}
 
-    def __init__(self, in_envelope: bool = True) -> None:
+    def __init__(self, in_envelope: bool = True, signing_key: str = "") -> None:
         super().__init__(1.0)
         self.callback_in_envelope = in_envelope  # type: ignore[misc]
+        self.signing_key = signing_key
         self.sent: list[tuple[dict[str, Any], str | None]] = []
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[Inbox]:
-        answer = json.dumps(self.answer).encode()
-
-        class Ready(Inbox):
-            async def receive(self) -> bytes:
-                return answer
-
-        yield Ready(topic)
+        yield _Ready(topic)
 
     async def publish(self, body: bytes, inbox: Inbox | None) -> None:
-        parse_request(body)  # exactly what the daemon parses
+        env = parse_request(body)  # exactly what the daemon parses
         self.sent.append((json.loads(body), inbox.topic if inbox else None))
+        if isinstance(inbox, _Ready):
+            echo = {k: getattr(env.command, k) for k in ("receiver", "reference", "id")
+                    if getattr(env.command, k, None)}
+            answer: dict[str, Any] = {"command": env.name, "response_code": "0000",
+                                      "data": echo}
+            if self.signing_key:
+                answer = sign_reply(answer, env.raw.get("signature", ""), self.signing_key)
+            inbox.frames.put_nowait(json.dumps(answer).encode())
 
     async def close(self) -> None:
         return None
@@ -106,8 +120,9 @@ async def test_wait_result_and_reply_addressing() -> None:
 async def test_signing_covers_the_callback_topic() -> None:
     from otpd.wire.signing import verify
 
-    t = Recorder()
-    await client(t, '[client]\nsigning_key = "k-0123456789abcdef"\n').verify_otp("0812", "1", "r")
+    t = Recorder(signing_key="k-0123456789abcdef")
+    c = client(t, '[client]\nsigning_key = "k-0123456789abcdef"\n')
+    assert (await c.verify_otp("0812", "1", "r")).success  # the signed answer is taken
     env, _topic = t.sent[0]
     verify(env, "k-0123456789abcdef")
     env["callback_topic"] = "someone-else"

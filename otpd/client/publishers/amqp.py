@@ -31,18 +31,18 @@ from aio_pika.abc import (
 
 from otpd.client.config import AmqpSettings
 from otpd.client.errors import TransportError
-from otpd.client.publishers.base import Inbox, Transport, cleanup
+from otpd.client.publishers.base import Frames, Inbox, Transport, cleanup
 from otpd.netutil import safe_url, tls_context
 
 
 class _AmqpInbox(Inbox):
-    def __init__(self, topic: str, reply_queue: str, future: asyncio.Future[bytes]) -> None:
+    def __init__(self, topic: str, reply_queue: str, frames: Frames) -> None:
         super().__init__(topic)
         self.reply_queue = reply_queue
-        self.future = future
+        self.frames = frames
 
     async def receive(self) -> bytes:
-        return await self.future
+        return await self.frames.get()
 
 
 class AmqpTransport(Transport):
@@ -58,7 +58,7 @@ class AmqpTransport(Transport):
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._reply_queue: AbstractQueue | None = None
-        self._waiters: dict[str, asyncio.Future[bytes]] = {}
+        self._waiters: dict[str, Frames] = {}
         self._lock = asyncio.Lock()
 
     def describe(self) -> str:
@@ -90,17 +90,17 @@ class AmqpTransport(Transport):
             return channel, queue
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        waiter = self._waiters.get(message.correlation_id or "")
-        if waiter is not None and not waiter.done():
-            waiter.set_result(message.body)
+        # Every message with the request's correlation id: the request checks them.
+        frames = self._waiters.get(message.correlation_id or "")
+        if frames is not None:
+            frames.put(message.body)
 
     def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
         self._fail_waiters("connection to RabbitMQ lost")
 
     def _fail_waiters(self, why: str) -> None:
-        for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.set_exception(TransportError(f"{self.describe()}: {why}"))
+        for frames in self._waiters.values():
+            frames.fail(TransportError(f"{self.describe()}: {why}"))
 
     async def _drop(self, why: str) -> None:
         connection = self._connection
@@ -113,16 +113,12 @@ class AmqpTransport(Transport):
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[Inbox]:
         _channel, queue = await self._ensure()
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiters[topic] = future
+        frames = Frames()
+        self._waiters[topic] = frames
         try:
-            yield _AmqpInbox(topic, queue.name, future)
+            yield _AmqpInbox(topic, queue.name, frames)
         finally:
             self._waiters.pop(topic, None)
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()  # retrieved: no "never retrieved" warning
 
     async def publish(self, body: bytes, inbox: Inbox | None) -> None:
         channel, _queue = await self._ensure()

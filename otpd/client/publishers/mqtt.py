@@ -27,17 +27,17 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from otpd.client.config import MqttSettings
 from otpd.client.errors import TransportError
-from otpd.client.publishers.base import Inbox, Transport
+from otpd.client.publishers.base import Frames, Inbox, Transport
 from otpd.netutil import tls_context
 
 
 class _MqttInbox(Inbox):
-    def __init__(self, topic: str, future: asyncio.Future[bytes]) -> None:
+    def __init__(self, topic: str, frames: Frames) -> None:
         super().__init__(topic)
-        self.future = future
+        self.frames = frames
 
     async def receive(self) -> bytes:
-        return await self.future
+        return await self.frames.get()
 
 
 def _settle(fut: asyncio.Future[Any], value: Any) -> None:
@@ -60,15 +60,17 @@ class _Session:
         self.connected: asyncio.Future[ReasonCode] = loop.create_future()
         self.lost = False
         self.acks: dict[int, asyncio.Future[Any]] = {}
-        self.replies: dict[str, asyncio.Future[bytes]] = {}
+        self.replies: dict[str, Frames] = {}
 
     def fail_all(self, why: str) -> None:
         self.lost = True
         error = TransportError(why)
-        for fut in [self.connected, *self.acks.values(), *self.replies.values()]:
+        for fut in [self.connected, *self.acks.values()]:
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()  # marked retrieved; awaiting it still raises
+        for frames in self.replies.values():
+            frames.fail(error)
 
     # Run on the event loop (scheduled from paho's thread).
     def acked(self, mid: int, value: Any) -> None:
@@ -77,9 +79,9 @@ class _Session:
             _settle(fut, value)
 
     def message(self, topic: str, payload: bytes) -> None:
-        fut = self.replies.get(topic)
-        if fut is not None:
-            _settle(fut, payload)
+        frames = self.replies.get(topic)
+        if frames is not None:
+            frames.put(payload)
 
 
 class MqttTransport(Transport):
@@ -182,8 +184,8 @@ class MqttTransport(Transport):
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[Inbox]:
         session = await self._ensure()
-        reply: asyncio.Future[bytes] = session.loop.create_future()
-        session.replies[topic] = reply
+        frames = Frames()
+        session.replies[topic] = frames
         try:
             rc, mid = session.client.subscribe(topic, qos=1)
             self._check(rc, "subscribe")
@@ -196,11 +198,9 @@ class MqttTransport(Transport):
             if any(code.is_failure for code in codes):
                 raise TransportError(f"{self.describe()}: subscription to the reply topic"
                                      f" refused: {codes[0]}")
-            yield _MqttInbox(topic, reply)
+            yield _MqttInbox(topic, frames)
         finally:
             session.replies.pop(topic, None)
-            if not reply.done():
-                reply.cancel()
             if not session.lost:
                 with contextlib.suppress(Exception):
                     session.client.unsubscribe(topic)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
@@ -47,21 +48,25 @@ class _PubsubInbox(Inbox):
 
 
 class _StreamInbox(Inbox):
-    def __init__(self, topic: str, client: Redis) -> None:
+    def __init__(self, topic: str, client: Redis, block_ms: int = BLOCK_MS) -> None:
         super().__init__(topic)
         self.client = client
+        self.block_ms = block_ms
+        self.last: bytes | str = "0-0"  # read from the start: nothing can be missed
+        self.pending: collections.deque[bytes] = collections.deque()
 
     async def receive(self) -> bytes:
-        last: bytes | str = "0-0"
-        while True:
-            reply: Any = await self.client.xread({self.topic: last}, count=10, block=BLOCK_MS)
+        while not self.pending:
+            reply: Any = await self.client.xread({self.topic: self.last}, count=10,
+                                                 block=self.block_ms)
             streams = reply.items() if isinstance(reply, dict) else (reply or [])
             for _stream, entries in streams:
                 for entry_id, fields in entries:
+                    self.last = entry_id
                     body = entry_body(fields)
                     if body is not None:
-                        return body
-                    last = entry_id
+                        self.pending.append(body)
+        return self.pending.popleft()
 
 
 class RedisTransport(Transport):
@@ -100,7 +105,9 @@ class RedisTransport(Transport):
         client = self._get_client()
         if self.config.mode == "stream":
             try:
-                yield _StreamInbox(topic, client)
+                # redis-py's read timeout is connect_timeout: block for less.
+                block_ms = max(100, min(BLOCK_MS, int(self.connect_timeout * 500)))
+                yield _StreamInbox(topic, client, block_ms)
             finally:
                 await cleanup("deleting the reply stream", client.delete(topic))
             return

@@ -58,8 +58,8 @@ class RestTransport(Transport):
     async def publish(self, body: bytes, inbox: Inbox | None) -> None:
         raise TransportError("REST answers every request directly: use request()")
 
-    async def request(self, body: bytes, reply_topic: str | None, timeout: float,
-                      command: str = "") -> bytes | None:
+    async def exchange(self, body: bytes, timeout: float, command: str) -> bytes:
+        """POST ``body``; the answer's bytes (a JSON object, whatever the status)."""
         c = self.config
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if c.username:

@@ -6,9 +6,10 @@
   frame to all other clients of the topic, so whatever arrives on it (other
   publishers' commands) is read and dropped unseen.
 * Answers: a connection to ``?topic=<callback_topic>`` is opened (and the
-  handshake completed) before the command is sent; the first frame on it is
-  the answer. The broker keeps nothing, so subscribing first is the only way
-  not to miss it.
+  handshake completed) before the command is sent; every frame on it is
+  read in turn until one is the answer (anyone allowed on that topic can
+  write there). The broker keeps nothing, so subscribing first is the only
+  way not to miss it.
 """
 
 from __future__ import annotations
