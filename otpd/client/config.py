@@ -20,7 +20,8 @@ defaults). Example (``etc/otpd-client.example.toml``)::
                                   #   verify-otp and modem-list always wait; REST always answers
     callback_delay = 0            # ms the daemon waits before answering (we subscribe first)
     signing_key = ""              # or signing_key_file / signing_key_env: sign every command
-                                  #   (for a daemon broker with require_signature = true)
+                                  #   (for a daemon broker with require_signature = true) and
+                                  #   take only answers the daemon signed with the same key
 
     [manage_otp]                  # the library makes and checks the OTPs (OTP-Publisher's
     enabled = false               #   manage_otp): request-otp is sent as send-message
