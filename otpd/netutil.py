@@ -7,6 +7,7 @@ this module imports nothing from otpd.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import ssl
 from urllib.parse import urlsplit, urlunsplit
 
@@ -41,3 +42,14 @@ def basic_authorization(username: str, password: str) -> str:
     server here parses; the PHP client's raw form is not sent by otpd)."""
     token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
     return f"Basic {token}"
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address that never leaves the machine: a loopback name or IP,
+    or a Unix socket (no host, or a path)."""
+    if host in ("localhost", "") or host.startswith("/"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -12,10 +12,11 @@ Two kinds of weakness a reviewer looks for first:
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+from otpd.netutil import is_loopback, url_password
 
 if TYPE_CHECKING:
     from otpd.app.settings import Settings
@@ -45,29 +46,13 @@ def inline_secrets(raw: object, path: str = "") -> list[str]:
 def _is_secret(key: str, value: str) -> bool:
     if any(key == s or key.endswith("_" + s) for s in SECRET_KEYS):
         return True
-    return key in URL_KEYS and _url_password(value) != ""
-
-
-def _url_password(url: str) -> str:
-    try:
-        return urlsplit(url).password or ""
-    except ValueError:
-        return ""
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "") or host.startswith("/"):  # "" / a path: a Unix socket
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return key in URL_KEYS and url_password(value) != ""
 
 
 def _clear_url(key: str, url: str, plain_schemes: tuple[str, ...],
                password: str = "") -> str | None:
     parts = urlsplit(url)
-    if parts.scheme not in plain_schemes or not (password or _url_password(url)):
+    if parts.scheme not in plain_schemes or not (password or url_password(url)):
         return None
     host = parts.hostname or ""
     if is_loopback(host):

@@ -48,7 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description=(
             "Relay text frames between authenticated WebSocket clients on the same "
             "?topic=. Clients authenticate with HTTP Basic against an htpasswd file "
-            "(bcrypt, apr1 or {SHA}). The PHP OTP-Publisher client sends the user "
+            "(bcrypt, apr1 or {SHA}); off loopback it needs TLS. The PHP OTP-Publisher"
+            " client sends the user "
             "name as the password, so give its user that password. Who may publish "
             "and subscribe on which topic is in the ACL file (--acl); a user without "
             "a rule there gets nothing. SIGHUP reloads both files."
@@ -72,6 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--path", default="/ws", help="WebSocket path (default /ws; /ws/ also works)")
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate (enables wss)")
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key")
+    p.add_argument("--allow-plain-http", action="store_true",
+                   help="listen off loopback without TLS (only behind a TLS-terminating proxy)")
     p.add_argument(
         "--max-message",
         type=_positive,
@@ -105,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         queue_bytes=max(args.queue, args.max_message),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        allow_plain=args.allow_plain_http,
     )
     errors = config.validate()
     if errors:

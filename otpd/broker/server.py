@@ -59,6 +59,7 @@ from otpd.auth.htpasswd import HtpasswdError, HtpasswdFile
 from otpd.broker import acl as acl_file
 from otpd.broker.acl import Access, Acl, AclError
 from otpd.broker.hub import Hub, Subscriber
+from otpd.netutil import is_loopback
 
 log = logging.getLogger("otpd.broker")
 # websockets' own logger. Its DEBUG output quotes frame payloads (OTP codes) and
@@ -92,6 +93,8 @@ class BrokerSettings:
     close_timeout: float = 5.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Plain ws:// off loopback: only behind a proxy that terminates TLS.
+    allow_plain: bool = False
 
     @property
     def acl_path(self) -> Path:
@@ -110,6 +113,11 @@ class BrokerSettings:
             errors.append("tls_cert and tls_key must be given together")
         if not 0 <= self.port <= 65535:
             errors.append("port must be 0..65535")
+        if self.tls_cert is None and not self.allow_plain and not is_loopback(self.host):
+            errors.append(f"listen: {self.host} is not a loopback address: passwords and OTP"
+                          " texts would cross the network in clear; give --tls-cert and"
+                          " --tls-key, or --allow-plain-http (only behind a TLS-terminating"
+                          " proxy)")
         return errors
 
 

@@ -81,6 +81,24 @@ def test_tls_needs_both(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "tls_cert and tls_key" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("listen", ["0.0.0.0:9000", "[::]:9000", "192.0.2.7:9000",
+                                    "broker.example.net:9000"])
+def test_plain_text_off_loopback_is_refused(tmp_path: Path, listen: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse("broker", "--htpasswd", str(tmp_path / "u"), "--listen", listen)
+    assert args.func(args) == 2
+    assert "not a loopback address" in capsys.readouterr().err
+
+
+def test_plain_text_off_loopback_when_told_so(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse("broker", "--htpasswd", str(tmp_path / "absent"), "--listen", "0.0.0.0:0",
+                 "--allow-plain-http")
+    assert args.func(args) == 2  # gets past the listen check, to the missing users file
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "not a loopback address" not in err
+
+
 def test_bad_users_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = parse("broker", "--htpasswd", str(tmp_path / "absent"), "--listen", "127.0.0.1:0")
     assert args.func(args) == 2
