@@ -16,7 +16,8 @@ from otpd.wire.signing import SignatureError, verify
 from tests.support.client_config import phone
 from tests.support.gateway import MakeGateway
 
-KEY = "a-shared-signing-key-0123456789"
+KEY = "a-shared-signing-key-0123456789abcdef"
+OTHER_KEY = "not-the-key-at-all-0123456789abcdef"  # >= 32 bytes, as the daemon requires
 
 
 def test_encoded_envelope_is_signed_and_parses() -> None:
@@ -37,7 +38,7 @@ async def test_daemon_requiring_signatures(method: str, make_gateway: MakeGatewa
     gw = await make_gateway(method, f'require_signature = true\nsigning_key = "{KEY}"\n')
     signed = gw.client(client=f'wait_result = true\nsigning_key = "{KEY}"')
     unsigned = gw.client(client="wait_result = true")
-    wrong = gw.client(client='wait_result = true\nsigning_key = "not-the-key-at-all"')
+    wrong = gw.client(client=f'wait_result = true\nsigning_key = "{OTHER_KEY}"')
     number = phone()
     for client in (unsigned, wrong):
         with pytest.raises(ReplyTimeout):  # refused unanswered
@@ -53,7 +54,7 @@ async def test_a_client_with_another_key_takes_no_reply(make_gateway: MakeGatewa
     """The daemon signs its replies with its key even where it does not require
     signatures: a client with another key cannot tell them from forgeries."""
     gw = await make_gateway("redis", f'signing_key = "{KEY}"\n')
-    wrong = gw.client(client='signing_key = "not-the-key-at-all"')
+    wrong = gw.client(client=f'signing_key = "{OTHER_KEY}"')
     with pytest.raises(ReplyTimeout, match=r"ignored.*signature: does not match"):
         await wrong.verify_otp(phone(), "123456", "some-reference", timeout=2.0)
     right = gw.client(client=f'signing_key = "{KEY}"')
