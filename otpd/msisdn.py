@@ -1,13 +1,31 @@
-"""Receiver canonicalisation: phone numbers to E.164, email addresses to lower-case domain."""
+"""Receiver canonicalisation: phone numbers to E.164, email addresses to one mailbox.
+
+An email receiver is one RFC 5321 mailbox (``local@domain``, dot-atom local
+part, LDH domain) and nothing a mail parser could read as more: no encoded
+words, comments, quotes, angle brackets, lists, groups, spaces or controls.
+Its canonical form is the whole address in lower case, the domain in ASCII
+(IDN converted): the block list, duplicate ids, limits and the SMTP envelope
+all use that one string.
+"""
 
 from __future__ import annotations
 
 import re
 
+from otpd.wire.protocol import control_character
+
 _SEPARATORS = re.compile(r"[\s\-().]")
-_EMAIL = re.compile(
-    r"^[^@\s\"<>,;]+@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]+)+$"
-)
+
+# RFC 5321 local part as a dot-atom: atext runs joined by single dots.
+_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+_DOT_ATOM = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
+# Relays may read % and ! in a local part as a source route (Postfix's
+# allow_percent_hack, UUCP bang paths): another way to name a blocked mailbox.
+_ROUTING = frozenset("%!")
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_MAX_LOCAL = 64
+_MAX_DOMAIN = 253
+_MAX_ADDRESS = 254  # RFC 5321 path of 256 octets, minus the angle brackets
 
 
 class InvalidReceiver(ValueError):
@@ -15,6 +33,8 @@ class InvalidReceiver(ValueError):
 
 
 def is_email(receiver: str) -> bool:
+    """Anything with an ``@`` is meant as an email address: it is then a valid
+    mailbox or refused, never taken for a phone number."""
     return "@" in receiver
 
 
@@ -51,12 +71,83 @@ def canonical_prefix(prefix: str, country_code: str) -> str:
     return "+" + digits
 
 
-def canonical_email(address: str) -> str:
+def _ascii_domain(domain: str) -> str:
+    """The domain in lower-case ASCII (IDN to A-labels), or InvalidReceiver."""
+    if not domain:
+        raise InvalidReceiver("email address has no domain after the @")
+    if not domain.isascii():
+        try:
+            # The stdlib codec (IDNA 2003 nameprep): no dependency for one
+            # conversion. Its output is checked as LDH below all the same:
+            # nameprep maps some characters (a fullwidth @ becomes "@").
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise InvalidReceiver("email domain is not a valid internationalised name") from None
+    domain = domain.lower()
+    if len(domain) > _MAX_DOMAIN:
+        raise InvalidReceiver(f"email domain is longer than {_MAX_DOMAIN} characters")
+    labels = domain.split(".")
+    if len(labels) < 2:
+        raise InvalidReceiver("email domain needs at least two labels (name.tld)")
+    for label in labels:
+        if not _LABEL.fullmatch(label):
+            raise InvalidReceiver(
+                "email domain labels are letters, digits and inner hyphens, 1 to 63 each")
+        if label.startswith("xn--"):
+            try:
+                label.encode("ascii").decode("idna")
+            except UnicodeError:
+                raise InvalidReceiver("email domain has an invalid xn-- label") from None
+    if labels[-1].isdigit():
+        raise InvalidReceiver("email domain must not end in a numeric label (no IP addresses)")
+    return domain
+
+
+def split_mailbox(address: str) -> tuple[str, str]:
+    """Validate one RFC 5321 mailbox; return (local part as given, ASCII
+    lower-case domain). Raises InvalidReceiver saying what is wrong."""
     text = address.strip()
-    if not _EMAIL.match(text) or len(text) > 254:
-        raise InvalidReceiver("receiver is not a valid email address")
-    local, _, domain = text.rpartition("@")
-    return f"{local}@{domain.lower()}"
+    bad = control_character(text)
+    if bad is not None:
+        raise InvalidReceiver(f"email address contains a control character {bad!r}")
+    if "=?" in text:
+        raise InvalidReceiver("email address must not contain an encoded word (=?)")
+    for char, what in ((" ", "spaces"), ('"', "quotes"), ("(", "comments"), (")", "comments"),
+                       ("<", "angle brackets"), (">", "angle brackets"), (",", "lists"),
+                       (";", "lists"), (":", "groups"), ("[", "address literals")):
+        if char in text:
+            raise InvalidReceiver(f"email address must be one plain mailbox: no {what} ({char})")
+    if text.count("@") != 1:
+        raise InvalidReceiver("email address must have exactly one @")
+    local, _, domain = text.partition("@")
+    if not local:
+        raise InvalidReceiver("email address has no local part before the @")
+    if not local.isascii():
+        raise InvalidReceiver("email local part must be ASCII")
+    if len(local) > _MAX_LOCAL:
+        raise InvalidReceiver(f"email local part is longer than {_MAX_LOCAL} characters")
+    if not _DOT_ATOM.fullmatch(local):
+        raise InvalidReceiver(
+            "email local part must be letters, digits and #$&'*+-/=?^_`{|}~ "
+            "with single dots between them")
+    if _ROUTING.intersection(local):
+        raise InvalidReceiver("email local part must not contain % or ! (source routes)")
+    ascii_domain = _ascii_domain(domain)
+    if len(local) + 1 + len(ascii_domain) > _MAX_ADDRESS:
+        raise InvalidReceiver(f"email address is longer than {_MAX_ADDRESS} characters")
+    return local, ascii_domain
+
+
+def canonical_email(address: str) -> str:
+    """The one mailbox ``address`` names, as compared and as sent to.
+
+    The whole address is lower-cased, the local part too: RFC 5321 lets a
+    server treat ``Victim`` and ``victim`` as two mailboxes, but no real
+    provider does, and keeping the case would let one mailbox slip past the
+    block list, duplicate ids and limits by changing its notation.
+    """
+    local, domain = split_mailbox(address)
+    return f"{local.lower()}@{domain}"
 
 
 def canonical_receiver(receiver: str, country_code: str) -> str:

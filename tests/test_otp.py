@@ -90,7 +90,8 @@ def test_msisdn_invalid(raw: str) -> None:
 
 
 def test_email_receiver_and_mask() -> None:
-    assert canonical_receiver("Someone@Domain.TLD", "62") == "Someone@domain.tld"
+    # Compared case-insensitively: the whole address is lower-cased (tests/test_msisdn.py).
+    assert canonical_receiver("Someone@Domain.TLD", "62") == "someone@domain.tld"
     with pytest.raises(InvalidReceiver):
         canonical_receiver("a@b", "62")
     assert mask("+628126666123") == "+*********123"

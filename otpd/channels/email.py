@@ -6,8 +6,9 @@ import asyncio
 import logging
 import random
 import time
+from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formataddr, formatdate, make_msgid, parseaddr
+from email.utils import formatdate, make_msgid
 from typing import Any
 
 import aiosmtplib
@@ -15,8 +16,9 @@ import aiosmtplib
 from otpd.aio import STOP_BOUND, cancel_and_wait, raise_if_cancel_requested
 from otpd.channels.email_settings import SmtpAccount
 from otpd.delivery.channel import Delivered, Failed, Job, Outcome, Retry, WorkSource
-from otpd.msisdn import mask
+from otpd.msisdn import InvalidReceiver, canonical_email, mask, split_mailbox
 from otpd.wire.codes import Code
+from otpd.wire.protocol import header_value_problem
 
 log = logging.getLogger("otpd.channels.email")
 
@@ -28,17 +30,39 @@ class RecipientRejected(Exception):
     """The server refused the recipient or the message for good (5xx)."""
 
 
-def build_message(account: SmtpAccount, job: Job) -> EmailMessage:
-    name, address = parseaddr(account.sender)
+def recipient_of(job: Job) -> tuple[str, str]:
+    """The job's one mailbox as (local part, ASCII domain), its subject checked.
+
+    The service admits only valid ones; this catches rows stored before these
+    checks existed. Raises InvalidReceiver or ValueError.
+    """
+    local, domain = split_mailbox(canonical_email(job.receiver))
+    problem = header_value_problem(job.subject)
+    if problem is not None:
+        raise ValueError(f"subject {problem}")
+    return local, domain
+
+
+def build_message(account: SmtpAccount, job: Job) -> tuple[EmailMessage, str, str]:
+    """The message and its envelope (sender, recipient), from validated values only.
+
+    The envelope recipient is the job's one mailbox, given to the SMTP client
+    explicitly: nothing is parsed back out of the headers (which would decode
+    encoded words, comments and groups into other recipients).
+    """
+    sender = account.sender_parts
+    local, domain = recipient_of(job)
     msg = EmailMessage()
-    msg["From"] = formataddr((name, address)) if name else address
-    msg["To"] = job.receiver
+    # Address(username=, domain=) quotes and encodes what it must and is not
+    # re-parsed, unlike a string or addr_spec=.
+    msg["From"] = Address(sender.display_name, sender.local, sender.domain)
+    msg["To"] = Address("", local, domain)
     msg["Subject"] = job.subject
     msg["Date"] = formatdate(localtime=False, usegmt=True)
-    msg["Message-ID"] = make_msgid(domain=address.rpartition("@")[2] or None)
+    msg["Message-ID"] = make_msgid(domain=sender.domain)
     msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(job.text, subtype="plain", charset="utf-8")
-    return msg
+    return msg, sender.address, f"{local}@{domain}"
 
 
 class SmtpChannel:
@@ -135,6 +159,14 @@ class SmtpChannel:
 
     async def deliver(self, job: Job) -> Outcome:
         errors: list[str] = []
+        try:
+            # A bad receiver or subject fails for good, at once: retrying it
+            # would fail the same way at every attempt until it expires.
+            recipient_of(job)
+        except (InvalidReceiver, ValueError) as exc:
+            self.failed += 1
+            log.warning("email %d to %r: refused: %s", job.id, mask(job.receiver), exc)
+            return Failed(f"not sent: {exc}", Code.FAILED)
         for account in self._ordered_accounts():
             try:
                 await self._send_via(account, job)
@@ -155,10 +187,12 @@ class SmtpChannel:
         return Retry("; ".join(errors) or "no SMTP account", self._delay(job))
 
     async def _send_via(self, account: SmtpAccount, job: Job) -> None:
-        message = build_message(account, job)
+        message, sender, recipient = build_message(account, job)
         try:
             errors, _ = await aiosmtplib.send(
                 message,
+                sender=sender,
+                recipients=[recipient],
                 hostname=account.host,
                 port=account.port,
                 username=account.username or None,

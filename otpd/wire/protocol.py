@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,12 @@ MAX_PARAM_CHARS = 1024
 MAX_ID_CHARS = 128
 MAX_CALLBACK_DELAY_MS = 10_000
 MAX_TOPIC_CHARS = 512
+
+# C0 controls (tab, CR and LF among them), DEL, C1 controls (NEL among them) and
+# the Unicode line and paragraph separators: whatever a header writer or
+# str.splitlines() may break a line at. A header value holding one is refused
+# when the request arrives, not left to fail at every delivery attempt.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class ProtocolError(Exception):
@@ -174,6 +181,30 @@ class Response:
         return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def control_character(text: str) -> str | None:
+    """The first control or line-breaking character in ``text`` (None: clean)."""
+    match = _CONTROL.search(text)
+    return match.group() if match else None
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a lone surrogate (JSON can escape one): no store, sealer or
+    mail writer can encode it, so it is refused here rather than fail there."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def header_value_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a mail header value (None: it can)."""
+    bad = control_character(text)
+    if bad is None:
+        return None
+    return f"must not contain control or line-break characters (found {bad!r})"
+
+
 # -- template ------------------------------------------------------------
 
 
@@ -282,7 +313,19 @@ class _Fields:
             raise ProtocolError(Code.INVALID_REQUEST, f"data.{key}: longer than {limit} characters")
         if "\x00" in value:
             raise ProtocolError(Code.INVALID_REQUEST, f"data.{key}: contains a NUL character")
+        if not _is_unicode(value):
+            raise ProtocolError(Code.INVALID_REQUEST,
+                                f"data.{key}: contains a lone surrogate (\\ud800-\\udfff)")
         return value
+
+    def subject(self) -> str | None:
+        """A mail subject: one header line, so no CR, LF or other controls."""
+        value = self.text("subject", required=False, limit=MAX_SUBJECT_CHARS)
+        if value:
+            problem = header_value_problem(value)
+            if problem is not None:
+                raise ProtocolError(Code.INVALID_REQUEST, f"data.subject: {problem}")
+        return value or None
 
     def required(self, key: str, **kw: Any) -> str:
         value = self.text(key, required=True, **kw)
@@ -341,7 +384,7 @@ def _request_otp(f: _Fields) -> RequestOtp:
         message=message,
         params=f.params(),
         expiration=f.int("expiration"),
-        subject=f.text("subject", required=False, limit=MAX_SUBJECT_CHARS) or None,
+        subject=f.subject(),
         id=f.id(),
         date_time=f.int("date_time"),
     )
@@ -371,7 +414,7 @@ def _send_email(f: _Fields) -> SendEmail:
     return SendEmail(
         receiver=f.required("receiver", limit=MAX_RECEIVER_CHARS),
         message=f.required("message", strip=False),
-        subject=f.text("subject", required=False, limit=MAX_SUBJECT_CHARS) or None,
+        subject=f.subject(),
         id=f.id(),
         expiration=f.int("expiration"),
         date_time=f.int("date_time"),
@@ -382,7 +425,7 @@ def _send_message(f: _Fields) -> SendMessage:
     return SendMessage(
         receiver=f.required("receiver", limit=MAX_RECEIVER_CHARS),
         message=f.required("message", strip=False),
-        subject=f.text("subject", required=False, limit=MAX_SUBJECT_CHARS) or None,
+        subject=f.subject(),
         id=f.id(),
         expiration=f.int("expiration"),
         date_time=f.int("date_time"),

@@ -67,6 +67,10 @@ class SmtpSink:
     *before* the optional ``delay`` and the 250 answer: a kill during the delay
     leaves a message the server has but the daemon never heard accepted, as a
     kill inside a real SMTP conversation does.
+
+    ``rcpts`` holds every ``RCPT TO`` address the server was offered (refused
+    ones too) and ``envelopes`` the (``MAIL FROM``, ``RCPT TO`` list) of each
+    message: what the server delivers to, whatever the headers say.
     """
 
     def __init__(self, delay: float = 0.0, clock: Callable[[], float] = time.time) -> None:
@@ -75,10 +79,14 @@ class SmtpSink:
         self.reject_with: str | None = None
         self.received: list[Receipt] = []
         self.messages: list[Message] = []
+        self.rcpts: list[str] = []
+        self.envelopes: list[tuple[str, tuple[str, ...]]] = []
         self._lock = threading.Lock()
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: Any) -> str:
+        with self._lock:
+            self.rcpts.append(address)
         if self.reject_with:
             return self.reject_with
         envelope.rcpt_tos.append(address)
@@ -90,6 +98,7 @@ class SmtpSink:
         with self._lock:
             self.received.append(Receipt(tag_of(body_text(message)) or "?", at))
             self.messages.append(message)
+            self.envelopes.append((envelope.mail_from, tuple(envelope.rcpt_tos)))
         if self.delay:
             await asyncio.sleep(self.delay)
         return "250 Message accepted"
