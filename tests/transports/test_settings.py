@@ -28,12 +28,13 @@ def test_defaults_and_presence_enables() -> None:
 def test_tls_default_port_and_secrets_not_in_repr(tmp_path: object,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MQTT_PW", "hunter2")
+    key = "sekrit-" * 5
     s = broker_settings('[mqtt]\ntls = true\npassword_env = "MQTT_PW"\nprotocol = 5\n'
-                        'require_signature = true\nsigning_key = "sekrit-sekrit-sekrit-sekrit-sekrit"\n'
+                        f'require_signature = true\nsigning_key = "{key}"\n'
                         '[amqp]\nurl = "amqps://u:pw-in-url@rabbit.example:5671/vh"\n'
                         'reply_wait = 0\n')
     assert s.mqtt is not None and s.mqtt.port == 8883 and s.mqtt.password == "hunter2"
-    assert s.mqtt.common.signing_key == "sekrit-sekrit-sekrit-sekrit-sekrit" and s.mqtt.protocol == 5
+    assert s.mqtt.common.signing_key == key and s.mqtt.protocol == 5
     assert s.amqp is not None and s.amqp.common.reply_wait == 0.0
     text = repr(s)
     assert "hunter2" not in text and "sekrit" not in text and "pw-in-url" not in text
