@@ -76,6 +76,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX seen_commands_expires ON seen_commands (expires_at);
     """,
+    # 5: email receivers compare case-insensitively (lower-cased canonical form):
+    # a mailbox blocked in another case stays blocked.
+    """
+    INSERT OR IGNORE INTO blocklist (receiver, created_at)
+        SELECT lower(receiver), created_at FROM blocklist
+        WHERE receiver LIKE '%@%' AND receiver <> lower(receiver);
+    DELETE FROM blocklist WHERE receiver LIKE '%@%' AND receiver <> lower(receiver);
+    """,
 ]
 
 

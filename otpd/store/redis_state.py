@@ -172,11 +172,23 @@ class RedisSharedStore:
         store = cls(outbox, client, prefix, expired_grace, retention)
         try:
             await store._call(client.ping())
+            await store._lower_case_mailboxes()
         except StoreError:
             await outbox.close()
             await client.aclose()
             raise
         return store
+
+    async def _lower_case_mailboxes(self) -> None:
+        """Email receivers compare case-insensitively (lower-cased): a mailbox
+        blocked in another case by an older otpd stays blocked."""
+        key = self._key("blocklist", "set")
+        members = await self._call(self.redis.smembers(key))
+        for raw in members:
+            member = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if "@" in member and member != member.lower():
+                await self._call(self.redis.sadd(key, member.lower()))
+                await self._call(self.redis.srem(key, member))
 
     async def close(self) -> None:
         await self.outbox.close()

@@ -207,3 +207,18 @@ async def test_sim_quota_per_day(store: Store) -> None:
     assert await quota.wait(sim, 1002.0) > 0
     # A day after the first two parts, they have left the window.
     assert await quota.wait(sim, 1000.0 + 86400.5) == 0
+
+
+async def test_redis_block_list_mailboxes_are_lower_cased_at_open(tmp_path: Path) -> None:
+    await require_redis()
+    prefix = f"otpd-test-{uuid.uuid4().hex}:"
+    client = Redis.from_url(REDIS_URL)
+    await client.sadd(f"{prefix}blocklist:set", "Victim@Example.com", "+628121111222")
+    await client.aclose()
+    s = await RedisSharedStore.open(tmp_path / "otpd.db", REDIS_URL, prefix, 3600, 86400)
+    try:
+        assert sorted(await s.blocked()) == ["+628121111222", "victim@example.com"]
+        assert await s.is_blocked("victim@example.com")
+    finally:
+        await s.close()
+        await drop_prefix(prefix)

@@ -129,3 +129,16 @@ async def test_database_file_is_private_whatever_the_umask(tmp_path: Path) -> No
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "new" / "otpd.db").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+
+
+def test_blocked_mailboxes_are_lower_cased_by_the_upgrade(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    for target, script in enumerate(MIGRATIONS[:4], 1):
+        conn.executescript(f"BEGIN;\n{script}\nUPDATE meta SET value = '{target}'"
+                           " WHERE key = 'schema';\nCOMMIT;")
+    conn.executemany("INSERT INTO blocklist (receiver, created_at) VALUES (?, 1)",
+                     [("Victim@Example.com",), ("victim@example.com",), ("Other@Example.org",),
+                      ("+628121111222",)])
+    migrate(conn)
+    rows = sorted(r[0] for r in conn.execute("SELECT receiver FROM blocklist"))
+    assert rows == ["+628121111222", "other@example.org", "victim@example.com"]
