@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,14 @@ def _range_text(min: float | None, max: float | None) -> str:
     if min is not None:
         return f"must be >= {min}"
     return f"must be <= {max}"
+
+
+def parse_toml(text: str, path: object = None) -> dict[str, Any]:
+    """TOML text -> tables; any problem is a ConfigError naming the file."""
+    where = path or "config"
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{where}: invalid TOML: {exc}"]) from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError([f"{where}: invalid TOML: nested too deeply"]) from None

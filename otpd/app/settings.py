@@ -8,7 +8,6 @@ composes them, in a fixed order (the order of the errors reported).
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from otpd.delivery.settings import DeliverySettings, parse_delivery_settings
 from otpd.limits_settings import LimitSettings, parse_limit_settings
 from otpd.metrics import MetricsSettings, parse_metrics_settings
 from otpd.otp_settings import OtpSettings, parse_otp_settings
-from otpd.settings_reader import ConfigError, Section
+from otpd.settings_reader import ConfigError, Section, parse_toml
 from otpd.store.settings import StoreSettings, parse_store_settings
 from otpd.transports.settings import (
     DEFAULT_PATHS,
@@ -85,12 +84,7 @@ def load_settings(path: Path) -> Settings:
 
 
 def parse_settings(text: str, path: Path | None = None) -> Settings:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path or 'config'}: invalid TOML: {exc}"]) from None
-    except RecursionError:  # tomllib recurses once per nested array or inline table
-        raise ConfigError([f"{path or 'config'}: invalid TOML: nested too deeply"]) from None
+    data = parse_toml(text, path)
     errors: list[str] = []
     root = Section(data, "", errors)
 

@@ -83,7 +83,6 @@ defaults). Example (``etc/otpd-client.example.toml``)::
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -91,7 +90,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from otpd.otp_attempts import DEFAULT_MAX_ATTEMPTS
-from otpd.settings_reader import ConfigError, Section
+from otpd.settings_reader import ConfigError, Section, parse_toml
 from otpd.wire.brokers import DEFAULT_TOPIC
 
 METHODS = ("rest", "amqp", "redis", "mqtt", "ws")
@@ -208,10 +207,7 @@ def load_client_config(path: Path | str, method: str | None = None) -> ClientSet
 def parse_client_config(text: str | Mapping[str, Any], path: Path | None = None) -> ClientSettings:
     """TOML text (or an already parsed table) -> ClientSettings."""
     if isinstance(text, str):
-        try:
-            data: Mapping[str, Any] = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{path or 'config'}: invalid TOML: {exc}"]) from None
+        data: Mapping[str, Any] = parse_toml(text, path)
     else:
         data = text
     errors: list[str] = []

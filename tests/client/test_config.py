@@ -110,3 +110,8 @@ def test_method_override_and_default_path(monkeypatch: pytest.MonkeyPatch,
     (tmp_path / "bad.toml").write_text("[client\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_client_config(tmp_path / "bad.toml")
+
+
+def test_deeply_nested_toml_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_client_config("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
