@@ -21,7 +21,7 @@ from otpd.auth.htpasswd import SALTED_SCHEMES, HtpasswdError, HtpasswdFile
 from otpd.channels.email import SmtpChannel
 from otpd.channels.sms.quota import QuotaError
 from otpd.channels.sms.quota import SimQuota as PoolQuota
-from otpd.delivery.channel import Channel, WorkSource
+from otpd.delivery.channel import Capacity, Channel, WorkSource
 from otpd.delivery.engine import DeliveryEngine
 from otpd.errors import StartupError
 from otpd.limits import Limiter, SimQuota
@@ -56,6 +56,9 @@ class NoModems:
 
     def status(self) -> dict[str, Any]:
         return {"modems": []}
+
+    def capacity(self) -> Capacity:
+        return Capacity(ready=0, senders=0, reason="no modem configured")
 
     def summary(self) -> str:
         return ""

@@ -15,7 +15,15 @@ import aiosmtplib
 
 from otpd.aio import STOP_BOUND, cancel_and_wait, raise_if_cancel_requested
 from otpd.channels.email_settings import SmtpAccount
-from otpd.delivery.channel import Delivered, Failed, Job, Outcome, Retry, WorkSource
+from otpd.delivery.channel import (
+    Capacity,
+    Delivered,
+    Failed,
+    Job,
+    Outcome,
+    Retry,
+    WorkSource,
+)
 from otpd.msisdn import InvalidReceiver, canonical_email, mask, split_mailbox
 from otpd.wire.codes import Code
 from otpd.wire.protocol import header_value_problem
@@ -86,6 +94,14 @@ class SmtpChannel:
 
     def usable(self) -> bool:
         return bool(self.accounts)
+
+    def capacity(self) -> Capacity:
+        """SMTP workers, while an account is reachable (none failed within its cooldown)."""
+        if not self.accounts:
+            return Capacity(ready=0, senders=0, reason="no SMTP account")
+        if not any(a["healthy"] for a in self.status()["accounts"]):
+            return Capacity(ready=0, senders=self.workers, reason="no SMTP account reachable")
+        return Capacity(ready=self.workers, senders=self.workers)
 
     def summary(self) -> str:
         """For the one-line service status, e.g. ``smtp 1/2 ok`` ("" = no account)."""

@@ -55,6 +55,26 @@ class Retry:
 Outcome = Delivered | Failed | Retry
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """How much a channel can send now (read by the intake to decide how much
+    work this node takes from a shared queue; see otpd.delivery.admission).
+
+    ``ready``: senders that can take a message now or as soon as their current
+    one is sent (modems up and under their SIM cap; SMTP workers while an
+    account is reachable). ``busy``: of those, sending right now. ``senders``:
+    configured in all. ``send_time``: seconds one message takes, as the channel
+    observed it (None: not known yet; the engine fills in what it measures).
+    ``reason``: why ``ready`` is 0 ("" when it is not).
+    """
+
+    ready: int
+    senders: int
+    busy: int = 0
+    send_time: float | None = None
+    reason: str = ""
+
+
 class WorkSource(Protocol):
     """What the delivery engine offers a channel."""
 
@@ -89,4 +109,8 @@ class Channel(Protocol):
 
     def status(self) -> dict[str, Any]:
         """JSON-able state for get-modem-list, health and metrics."""
+        ...
+
+    def capacity(self) -> Capacity:
+        """Senders ready now, and why none is (cheap: called per message)."""
         ...

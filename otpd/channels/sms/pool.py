@@ -37,7 +37,15 @@ from otpd.channels.sms.pdu import MessageTooLong
 from otpd.channels.sms.quota import QuotaError, SimQuota
 from otpd.channels.sms.replies import signal_report
 from otpd.channels.sms.settings import ModemSettings, SmsSettings
-from otpd.delivery.channel import Delivered, Failed, Job, Outcome, Retry, WorkSource
+from otpd.delivery.channel import (
+    Capacity,
+    Delivered,
+    Failed,
+    Job,
+    Outcome,
+    Retry,
+    WorkSource,
+)
 from otpd.msisdn import InvalidReceiver, canonical_msisdn, mask
 from otpd.wire.codes import Code
 
@@ -177,6 +185,25 @@ class ModemPool:
                 "last_error": slot.last_error,
             })
         return {"modems": modems}
+
+    def capacity(self) -> Capacity:
+        """Modems that can send (up and under their SIM cap), and why none can."""
+        enabled = [s for s in self._slots if s.settings.enabled]
+        ready = [s for s in enabled if self._can_send(s)]
+        busy = sum(1 for s in ready if s.state is State.BUSY)
+        reason = ""
+        if not enabled:
+            reason = "no modem enabled"
+        elif not ready:
+            now = time.monotonic()
+            if any(s.state in _USABLE and s.quota_until > now for s in enabled):
+                reason = "every usable SIM is at its SMS cap"
+            elif all(s.state is State.STARTING for s in enabled):
+                reason = "modems starting"
+            else:
+                errors = sorted({s.last_error for s in enabled if s.last_error})
+                reason = "no modem ready" + (f" ({errors[0]})" if errors else "")
+        return Capacity(ready=len(ready), senders=len(enabled), busy=busy, reason=reason)
 
     def summary(self) -> str:
         """For the one-line service status, e.g. ``2/3 modems ready`` ("" = no modem)."""
