@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from otpd.aio import within
+from otpd.auth.login_gate import LoginGate, address_group
 from otpd.delivery.channel import Channel, Job
 from otpd.delivery.engine import DeliveryEngine, Result
 from otpd.delivery.settings import DeliverySettings
@@ -94,15 +95,24 @@ class Service:
         self.sealer = sealer
         self.clock = clock
         self.limiter = limiter
+        lim = limiter.s
+        # REST logins on this node: reserved before the password check, checks in
+        # flight capped per address group (see otpd.auth.login_gate).
+        self.login_gate = LoginGate(
+            max_failures=lim.auth_failures_max if lim.enabled else None,
+            window=lim.auth_window)
 
     # -- REST logins (credential stuffing) ------------------------------------------
+    # A login: login_blocked (the store's window, shared by the nodes), then
+    # login_gate.reserve (this node, holds under concurrency), the password check,
+    # ticket.release, and login_failed on a failure. Addresses count by group.
     async def login_blocked(self, ip: str) -> float:
         """Seconds this address must wait before its next login attempt (0 = none)."""
-        return await self.limiter.auth_blocked(ip, self.clock())
+        return await self.limiter.auth_blocked(address_group(ip), self.clock())
 
     async def login_failed(self, ip: str) -> bool:
         """Count a failed login; True when limits apply (the caller slows down)."""
-        await self.limiter.auth_failed(ip, self.clock())
+        await self.limiter.auth_failed(address_group(ip), self.clock())
         return self.limiter.enabled
 
     # -- block list: every path (commands, the control socket) comes here ----------
@@ -151,7 +161,8 @@ class Service:
             elif (refused := self._authorize(env.name, cmd, grants, client)) is not None:
                 response = refused
             else:
-                response = await self._dispatch(env.name, cmd, wait, on_stored, client, grants)
+                response = await self._dispatch(env.name, cmd, wait, on_stored, client, grants,
+                                                ip)
         except ProtocolError as exc:
             response = Response(env.name, exc.code, _echo(cmd, None), exc.message)
         except StoreError as exc:
@@ -194,7 +205,7 @@ class Service:
 
     async def _dispatch(
         self, name: str, cmd: Command, wait: float, on_stored: OnStored | None, client: str,
-        grants: Grants,
+        grants: Grants, ip: str | None = None,
     ) -> Response:
         match cmd:
             case RequestOtp():
@@ -202,7 +213,7 @@ class Service:
             case SendSms() | SendEmail() | SendMessage():
                 return await self._send(name, cmd, wait, on_stored, client)
             case VerifyOtp():
-                return await self._verify(name, cmd)
+                return await self._verify(name, cmd, client, ip)
             case BlockMsisdn():
                 await self.block(self._receiver(cmd.receiver), by=client)
                 return Response(name, Code.SUCCESS, _echo(cmd, None))
@@ -263,9 +274,9 @@ class Service:
         channel = self._channel_for(cmd, receiver)
         if await self.store.is_blocked(receiver):
             return Response(name, Code.BLOCKED, _echo(cmd, None), "receiver is blocked")
-        if not self.limiter.receiver_allowed(receiver):
-            return Response(name, Code.BLOCKED, _echo(cmd, None),
-                            "receiver is outside the allowed number ranges")
+        outside = self.limiter.receiver_refusal(receiver, self.otp.country_code)
+        if outside is not None:
+            return Response(name, Code.BLOCKED, _echo(cmd, None), outside)
         refused = self._unavailable(name, cmd, channel)
         if refused is not None:
             return refused
@@ -375,21 +386,42 @@ class Service:
         return _result_response(name, data, result)
 
     # -- verification ------------------------------------------------------------
-    async def _verify(self, name: str, cmd: VerifyOtp) -> Response:
+    async def _verify(self, name: str, cmd: VerifyOtp, client: str, ip: str | None) -> Response:
         receiver = self._receiver(cmd.receiver)
         now = self.clock()
         retry_after = await self.limiter.verify_blocked(receiver, now)
         if retry_after > 0:
             return _limited(name, cmd, retry_after, "too many wrong codes for this receiver")
+        # Failures that count against no receiver count against the client (REST
+        # user + address group, or the broker): guessing references stays throttled.
+        client_key = f"{client}|{address_group(ip)}" if ip else client
+        retry_after = await self.limiter.client_verify_blocked(client_key, now)
+        if retry_after > 0:
+            return _limited(name, cmd, retry_after, "too many failed verifications")
+        checked: list[bool] = []  # set once the code of this receiver's OTP was checked
 
         def matches(record: OtpRecord) -> bool:
+            if record.receiver != receiver:
+                # Another receiver's OTP: raising leaves the record untouched (both
+                # stores apply nothing when the check raises), so a stranger cannot
+                # burn it nor count against its receiver.
+                raise _OtherReceiver
+            checked[:] = [True]
             return otp_matches(self.key, record.salt, record.digest, cmd.reference,
-                                      cmd.otp, receiver, cmd.params)
+                               cmd.otp, receiver, cmd.params)
 
-        outcome = await self.store.verify_otp(cmd.reference, now, matches,
-                                              self.otp.max_attempts)
-        if outcome in (VerifyResult.WRONG, VerifyResult.BURNED, VerifyResult.UNKNOWN):
+        try:
+            outcome = await self.store.verify_otp(cmd.reference, now, matches,
+                                                  self.otp.max_attempts)
+        except _OtherReceiver:
+            outcome = VerifyResult.UNKNOWN  # answered as a made-up reference: reveals nothing
+        if outcome in (VerifyResult.WRONG, VerifyResult.BURNED) and checked:
+            # A wrong code for this receiver's own OTP counts against the receiver.
             await self.limiter.verify_failed(receiver, now)
+        elif outcome not in (VerifyResult.OK, VerifyResult.EXPIRED):
+            # Made-up, used or burned references and another receiver's OTP never
+            # count against the receiver (a stranger would lock it out): the client.
+            await self.limiter.client_verify_failed(client_key, now)
         code, message = VERIFY_RESPONSES[outcome]
         return Response(name, code, _echo(cmd, None), message)
 
@@ -409,6 +441,10 @@ class Service:
         except (LookupError, ValueError, OSError, TimeoutError) as exc:
             return Response(name, Code.FAILED, {}, f"USSD failed: {exc}")
         return Response(name, Code.SUCCESS, data)
+
+
+class _OtherReceiver(Exception):
+    """verify-otp named the reference of another receiver's OTP."""
 
 
 def _grant_setting(client: str) -> str:

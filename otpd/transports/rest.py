@@ -23,6 +23,7 @@ from prometheus_client.exposition import choose_encoder
 
 from otpd.auth.basic import parse_basic_auth
 from otpd.auth.htpasswd import HtpasswdFile
+from otpd.auth.login_gate import Ticket
 from otpd.errors import StartupError
 from otpd.metrics import Metrics
 from otpd.service import Service
@@ -78,7 +79,6 @@ class RestApi:
         self.metrics_auth = metrics_auth
         self._runner: web.AppRunner | None = None
         self._ssl: ssl.SSLContext | None = None
-        self._auth_failures: dict[str, int] = {}
         self.port: int | None = None
 
     def app(self) -> web.Application:
@@ -118,9 +118,8 @@ class RestApi:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         assert self.metrics is not None
-        if self.metrics_auth and await self._authenticate(request) is None:
-            return _error(Code.UNAUTHORIZED, "unauthorized", 401,
-                          headers={"WWW-Authenticate": _REALM})
+        if self.metrics_auth and isinstance(refused := await self._login(request), web.Response):
+            return refused
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         body = encoder(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": content_type})
@@ -186,22 +185,40 @@ class RestApi:
             log.exception("internal error on %s %s", request.method, request.path)
             return _error(Code.FAILED, "internal error; nothing was done", 500)
 
-    async def _authenticate(self, request: web.Request) -> str | None:
+    async def _login(self, request: web.Request) -> str | web.Response:
+        """The authenticated user, or the 401/429 answer.
+
+        Credential stuffing: before the password check, the address group's window
+        in the store (shared by the nodes) and the service's login gate (this node:
+        the check counts as a failure until it ends; checks in flight capped per
+        address group, served fairly) must allow it; a failure is counted in both
+        and answered after a delay that grows with the group's failures."""
+        unauthorized = _error(Code.UNAUTHORIZED, "unauthorized", 401,
+                              headers={"WWW-Authenticate": _REALM})
         creds = parse_basic_auth(request.headers.get("Authorization", ""), raw_form=False,
                                  latin1=True)
         if creds is None or self.users is None:
-            return None
+            return unauthorized  # no password to check: nothing to reserve or count
+        ip = request.remote or "-"
+        retry_after = await self.service.login_blocked(ip)
+        reserved: Ticket | float = retry_after
+        if retry_after <= 0:
+            reserved = await self.service.login_gate.reserve(ip)
+        if not isinstance(reserved, Ticket):
+            seconds = str(max(1, math.ceil(reserved)))
+            return _error(Code.RATE_LIMITED, "too many failed logins from this address", 429,
+                          headers={"Retry-After": seconds})
         user, password = creds
-        return user if await self.users.verify_async(user, password) else None
-
-    async def _auth_failed(self, ip: str) -> None:
-        """Each failure from an address costs it more time (credential stuffing)."""
-        failures = self._auth_failures.get(ip, 0) + 1
-        self._auth_failures[ip] = failures
-        if len(self._auth_failures) > 10_000:  # bounded memory under a spray of addresses
-            self._auth_failures.clear()
+        ok = False
+        try:
+            ok = await self.users.verify_async(user, password)
+        finally:
+            delay = reserved.release(ok, user)  # also when the check failed or was cancelled
+        if ok:
+            return user
         if await self.service.login_failed(ip):
-            await asyncio.sleep(min(0.05 * 2 ** min(failures, 10), 3.0))
+            await asyncio.sleep(delay)
+        return unauthorized
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -219,17 +236,10 @@ class RestApi:
             return _error(Code.INVALID_REQUEST, "use POST or PUT", 405,
                           headers={"Allow": "POST, PUT"}), "", Code.INVALID_REQUEST.value
         ip = request.remote or "-"
-        retry_after = await self.service.login_blocked(ip)
-        if retry_after > 0:
-            seconds = str(max(1, math.ceil(retry_after)))
-            return _error(Code.RATE_LIMITED, "too many failed logins from this address", 429,
-                          headers={"Retry-After": seconds}), "", Code.RATE_LIMITED.value
-        user = await self._authenticate(request)
-        if user is None:
-            await self._auth_failed(ip)
-            return _error(Code.UNAUTHORIZED, "unauthorized", 401,
-                          headers={"WWW-Authenticate": _REALM}), "", Code.UNAUTHORIZED.value
-        self._auth_failures.pop(ip, None)
+        user = await self._login(request)
+        if isinstance(user, web.Response):
+            code = Code.RATE_LIMITED if user.status == 429 else Code.UNAUTHORIZED
+            return user, "", code.value
         body = await request.read()
         try:
             env = parse_request(body)
