@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import math
 import ssl
 import weakref
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from websockets.http11 import Request, Response
 
 from otpd.auth.basic import parse_basic_auth
 from otpd.auth.htpasswd import HtpasswdError, HtpasswdFile
+from otpd.auth.login_gate import LoginGate, Ticket
 from otpd.broker import acl as acl_file
 from otpd.broker.acl import Access, Acl, AclError
 from otpd.broker.hub import Hub, Subscriber
@@ -95,6 +97,9 @@ class BrokerSettings:
     tls_key: Path | None = None
     # Plain ws:// off loopback: only behind a proxy that terminates TLS.
     allow_plain: bool = False
+    # Failed logins per address (IPv6: per /64) within login_window s before 429.
+    login_failures_max: int = 10
+    login_window: float = 900.0
 
     @property
     def acl_path(self) -> Path:
@@ -139,6 +144,17 @@ def _peer(ws: ServerConnection) -> str:
     return str(address)
 
 
+def _host(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return str(address[0]) if isinstance(address, tuple) and address else str(address)
+
+
+class _Throttled(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"retry after {retry_after:g} s")
+        self.retry_after = retry_after
+
+
 def _valid_topic(topic: str) -> bool:
     return 0 < len(topic) <= MAX_TOPIC_LENGTH and topic.isprintable()
 
@@ -162,6 +178,8 @@ class BrokerServer:
         self.config = config
         self._users = users
         self._acl = acl
+        self._gate = LoginGate(max_failures=config.login_failures_max,
+                               window=config.login_window)
         # Close handshakes started by a reload; held so they are not collected.
         self._closing: set[asyncio.Task[None]] = set()
         self._hub = Hub()
@@ -333,6 +351,14 @@ class BrokerServer:
         return response
 
     async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        try:
+            return await self._check_request(ws, request)
+        except _Throttled as exc:
+            response = self._reject(ws, http.HTTPStatus.TOO_MANY_REQUESTS, "Too Many Requests")
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+            return response
+
+    async def _check_request(self, ws: ServerConnection, request: Request) -> Response | None:
         # Cheap checks before the expensive password check.
         url = urlsplit(request.path)
         if url.path.rstrip("/") != self._path:
@@ -341,13 +367,9 @@ class BrokerServer:
         if len(topics) != 1 or not _valid_topic(topics[0]):
             return self._reject(ws, http.HTTPStatus.BAD_REQUEST, "Bad Request: need one ?topic=")
         credentials = _credentials(request.headers)
-        assert self._users is not None
-        if credentials is None or not await self._users.verify_async(*credentials):
-            log.warning(
-                "login failed user=%r peer=%s",
-                credentials[0] if credentials else None,
-                _peer(ws),
-            )
+        if credentials is None:
+            return self._reject(ws, http.HTTPStatus.UNAUTHORIZED, "Unauthorized")
+        if not await self._login(ws, *credentials):
             return self._reject(ws, http.HTTPStatus.UNAUTHORIZED, "Unauthorized")
         user, topic = credentials[0], topics[0]
         assert self._acl is not None
@@ -362,6 +384,23 @@ class BrokerServer:
             return self._reject(ws, http.HTTPStatus.FORBIDDEN, "Forbidden")
         self._logins[ws] = _Login(user, topic)
         return None
+
+    async def _login(self, ws: ServerConnection, user: str, password: str) -> bool:
+        """The password check, through the login gate: counted before bcrypt runs,
+        one check at a time per address (group), a growing delay after a failure.
+        Raises :class:`_Throttled` when the address may not try now."""
+        assert self._users is not None
+        got = await self._gate.reserve(_host(ws))
+        if not isinstance(got, Ticket):
+            raise _Throttled(got)
+        ok = False
+        try:
+            ok = await self._users.verify_async(user, password)
+        finally:
+            delay = got.release(ok, user)  # logs the failure (address, user)
+        if not ok and delay > 0:
+            await asyncio.sleep(delay)
+        return ok
 
     # -- connection ------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
