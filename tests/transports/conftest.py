@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from otpd.channels.sms.simulator import ModemSimulator
 from tests.support.daemon import start_daemon, write_config
@@ -44,3 +45,18 @@ async def gateway(tmp_path: Path, smtp: SmtpServer,
         yield gw
     finally:
         await gw.close()
+
+
+@pytest.fixture
+async def redis(redis_url: str, gateway: Gateway) -> AsyncIterator[Redis]:
+    """A client of the real Redis; keys listed in ``test_keys`` are deleted after
+    the test, and the test's consumers stopped first."""
+    client = Redis.from_url(redis_url)
+    keys: list[str] = []
+    client.test_keys = keys  # type: ignore[attr-defined]
+    yield client
+    for consumer in list(gateway.consumers):
+        await gateway.stop_consumer(consumer)
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()

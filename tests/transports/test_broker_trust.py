@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,19 +28,6 @@ pytestmark = pytest.mark.services
 
 KEY = "a-signing-key-of-at-least-32-bytes-0123"
 SIGNED = f'require_signature = true\nsigning_key = "{KEY}"\n'
-
-
-@pytest.fixture
-async def redis(redis_url: str, gateway: Gateway) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    keys: list[str] = []
-    client.test_keys = keys  # type: ignore[attr-defined]
-    yield client
-    for consumer in list(gateway.consumers):
-        await gateway.stop_consumer(consumer)
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 async def start_redis(gw: Gateway, topic: str, extra: str = "") -> RedisConsumer:

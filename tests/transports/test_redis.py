@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,19 +18,6 @@ from tests.support.services import REDIS_URL
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture
-async def redis(redis_url: str, gateway: Gateway) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    keys: list[str] = []
-    client.test_keys = keys  # type: ignore[attr-defined]
-    yield client
-    for consumer in list(gateway.consumers):
-        await gateway.stop_consumer(consumer)
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 def config(topic: str, extra: str = "") -> str:
