@@ -12,13 +12,14 @@ import asyncio
 import json
 import logging
 import math
+import resource
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Protocol
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client.exposition import choose_encoder
 
 from otpd.auth.basic import parse_basic_auth
@@ -27,6 +28,14 @@ from otpd.auth.login_gate import Ticket
 from otpd.errors import StartupError
 from otpd.metrics import Metrics
 from otpd.service import Service
+from otpd.transports.rest_guard import ConnectionCaps, Timeouts, connection_limits
+from otpd.transports.rest_listener import (
+    EXPECT_CONTINUE,
+    SERVER_NAME,
+    Guard,
+    GuardedListener,
+    request_factory,
+)
 from otpd.transports.settings import ServerSettings
 from otpd.wire.codes import Code
 from otpd.wire.protocol import (
@@ -41,6 +50,22 @@ log = logging.getLogger("otpd.rest")
 
 _REALM = 'Basic realm="otpd", charset="UTF-8"'
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect`` header: ``100 Continue`` is sent on the first read of the body (see
+    ``ContinueRequest``), which comes after authentication, not here before it as
+    aiohttp's default would."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return _error(Code.INVALID_REQUEST, "unsupported Expect header", 417)
+    request[EXPECT_CONTINUE] = True
+    return None
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[hdrs.SERVER] = SERVER_NAME  # not aiohttp's, with its version
 
 
 def json_response(body: dict[str, Any], status: int = 200,
@@ -79,6 +104,8 @@ class RestApi:
         self.metrics_auth = metrics_auth
         self._runner: web.AppRunner | None = None
         self._ssl: ssl.SSLContext | None = None
+        self._listener: GuardedListener | None = None
+        self.guard: Guard | None = None
         self.port: int | None = None
 
     def app(self) -> web.Application:
@@ -87,12 +114,13 @@ class RestApi:
             middlewares=[self._errors_as_json],
         )
         for path in self.settings.paths:
-            app.router.add_route("*", path, self._handle)
-        app.router.add_get("/api/openapi.yaml", self._openapi)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
+            app.router.add_route("*", path, self._handle, expect_handler=_expect)
+        app.router.add_get("/api/openapi.yaml", self._openapi, expect_handler=_expect)
+        app.router.add_get("/healthz", self._healthz, expect_handler=_expect)
+        app.router.add_get("/readyz", self._readyz, expect_handler=_expect)
         if self.metrics is not None:
-            app.router.add_get("/metrics", self._metrics)
+            app.router.add_get("/metrics", self._metrics, expect_handler=_expect)
+        app.on_response_prepare.append(_server_header)
         return app
 
     def reload_tls(self) -> None:
@@ -140,24 +168,51 @@ class RestApi:
         except (OSError, ssl.SSLError) as exc:
             await runner.cleanup()
             raise StartupError(f"server.tls_cert/tls_key: cannot load: {exc}") from exc
-        site = web.TCPSite(runner, self.settings.host, self.settings.port, ssl_context=ssl_ctx,
-                           reuse_address=True)
+        s = self.settings
+        server = runner.server
+        assert server is not None
+        server.request_factory = request_factory(s.max_body)
+        guard = self._guard()
+        # Our own listener, not web.TCPSite: it refuses connections over the caps
+        # before TLS or HTTP and closes slow or idle ones (see rest_listener).
+        listener = GuardedListener(server, guard, ssl_context=ssl_ctx, handler_args={
+            "keepalive_timeout": s.keepalive_timeout,
+            "access_log": None,
+            # A body left unread (answered 401 before it came) is drained this long at most.
+            "lingering_time": min(2.0, s.body_timeout),
+        })
         try:
-            await site.start()
+            await listener.start(s.host, s.port)
         except OSError as exc:
             await runner.cleanup()
             raise StartupError(
-                f"server.listen: cannot listen on {self.settings.host}:{self.settings.port}:"
-                f" {exc.strerror or exc}"
+                f"server.listen: cannot listen on {s.host}:{s.port}: {exc.strerror or exc}"
             ) from exc
-        self._runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
+        self._runner, self._listener, self.guard = runner, listener, guard
+        sockets = listener.sockets
+        self.port = sockets[0].getsockname()[1] if sockets else s.port
         log.info("REST API listening on %s://%s:%s", "https" if ssl_ctx else "http",
-                 self.settings.host, self.port)
+                 s.host, self.port)
+
+    def _guard(self) -> Guard:
+        """Caps and timeouts; the caps kept below the descriptor limit (logged)."""
+        s = self.settings
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        nofile = soft if soft != resource.RLIM_INFINITY else 1 << 20
+        limits = connection_limits(nofile, s.max_connections, s.max_connections_per_address)
+        for note in limits.notes:
+            log.warning("server: %s", note)
+        log.info("REST connections: at most %d, %d per client address (descriptor limit %d);"
+                 " timeouts: header %gs, body %gs, keep-alive %gs", limits.total,
+                 limits.per_address, nofile, s.header_timeout, s.body_timeout,
+                 s.keepalive_timeout)
+        return Guard(ConnectionCaps(limits.total, limits.per_address),
+                     Timeouts(s.header_timeout, s.body_timeout, s.keepalive_timeout))
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

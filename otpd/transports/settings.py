@@ -82,6 +82,16 @@ class ServerSettings:
     # REST user -> its grants when configured in [server.grants]; others: the defaults.
     grants: Mapping[str, Grants] = field(default_factory=lambda: MappingProxyType({}))
     ussd_allow: UssdAllowList = field(default_factory=UssdAllowList)
+    # Slow and idle clients (s): the request head (and a TLS handshake) must arrive
+    # within header_timeout, its body within body_timeout, the next request within
+    # keepalive_timeout of an answer.
+    header_timeout: float = 10.0
+    body_timeout: float = 20.0
+    keepalive_timeout: float = 15.0
+    # Open connections in all and per client address (IPv6: per /64). None: derived
+    # at start from the descriptor limit (RLIMIT_NOFILE); larger values are lowered there.
+    max_connections: int | None = None
+    max_connections_per_address: int | None = None
 
     def grants_for(self, user: str) -> Grants:
         """What ``user`` (authenticated) may run."""
@@ -148,6 +158,14 @@ def parse_server_settings(s: Section) -> ServerSettings:
         paths=paths,
         grants=_rest_grants(s, ussd),
         ussd_allow=ussd,
+        header_timeout=s.float("header_timeout", 10.0, min=0.1, max=300.0),
+        body_timeout=s.float("body_timeout", 20.0, min=0.1, max=600.0),
+        keepalive_timeout=s.float("keepalive_timeout", 15.0, min=0.1, max=600.0),
+        max_connections=(s.int("max_connections", 0, min=1, max=1_000_000)
+                         if s.has("max_connections") else None),
+        max_connections_per_address=(
+            s.int("max_connections_per_address", 0, min=1, max=1_000_000)
+            if s.has("max_connections_per_address") else None),
     )
     s.finish()
     return out

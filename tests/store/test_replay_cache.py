@@ -20,28 +20,13 @@ from redis.asyncio import Redis
 
 from otpd.store import Claim, SqliteStore, Store
 from otpd.store.redis_state import RedisSharedStore
-from tests.store.test_shared_store import drop_prefix
+from tests.store.conftest import drop_prefix
 from tests.support.services import REDIS_URL, require_redis
 
 T0 = time.time()
 KEY = "a1" * 32  # a SHA-256 signature's length
 TTL = 30.0
 WINDOW = 300.0
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        s: Store = await SqliteStore.open(tmp_path / "otpd.db")
-        yield s
-        await s.close()
-        return
-    await require_redis()
-    prefix = f"otpd-test-{uuid.uuid4().hex}:"
-    s = await RedisSharedStore.open(tmp_path / "otpd.db", REDIS_URL, prefix, 3600, 86400)
-    yield s
-    await s.close()
-    await drop_prefix(prefix)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -19,39 +18,16 @@ from otpd.store import (
     NewMessage,
     NewOtp,
     RateLimit,
-    SqliteStore,
     Store,
     VerifyResult,
 )
 from otpd.store.redis_state import RedisSharedStore
+from tests.store.conftest import drop_prefix
 from tests.support.daemon import start_daemon, write_config
 from tests.support.mail import SmtpServer
 from tests.support.services import REDIS_URL, require_redis
 
 T0 = time.time()  # Redis TTLs are real time: records live around now
-
-
-async def drop_prefix(prefix: str) -> None:
-    client = Redis.from_url(REDIS_URL)
-    keys = [k async for k in client.scan_iter(f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        s: Store = await SqliteStore.open(tmp_path / "otpd.db")
-        yield s
-        await s.close()
-        return
-    await require_redis()
-    prefix = f"otpd-test-{uuid.uuid4().hex}:"
-    s = await RedisSharedStore.open(tmp_path / "otpd.db", REDIS_URL, prefix, 3600, 86400)
-    yield s
-    await s.close()
-    await drop_prefix(prefix)
 
 
 def msg(dedupe: str | None = None, otp_reference: str | None = None) -> NewMessage:
