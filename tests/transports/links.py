@@ -11,8 +11,10 @@ talks to a real broker (RabbitMQ, Redis pub/sub or stream, Mosquitto, or an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +296,18 @@ async def start_node(tmp_path: Path, link: Link, smtp: SmtpServer,
         raise
     return node
 
+
+@contextlib.asynccontextmanager
+async def running_node(tmp_path: Path, link: Link, smtp: SmtpServer,
+                       session: aiohttp.ClientSession) -> AsyncIterator[Gateway]:
+    """``start_node`` with its link opened first; everything stopped on exit."""
+    await link.open()
+    try:
+        started = await start_node(tmp_path, link, smtp, session)
+        try:
+            yield started
+        finally:
+            await started.stop()
+            await started.sim.stop()
+    finally:
+        await link.close()

@@ -26,7 +26,7 @@ from tests.transports.links import (
     RedisPubsubLink,
     RedisStreamLink,
     WsLink,
-    start_node,
+    running_node,
 )
 
 pytestmark = pytest.mark.services
@@ -53,16 +53,8 @@ def kind(request: pytest.FixtureRequest) -> str:
 async def node(kind: str, users: Path, tmp_path: Path, smtp: SmtpServer,
                session: aiohttp.ClientSession) -> AsyncIterator[Gateway]:
     link = LINKS[kind][0](users)
-    await link.open()
-    try:
-        started = await start_node(tmp_path, link, smtp, session)
-        try:
-            yield started
-        finally:
-            await started.stop()
-            await started.sim.stop()
-    finally:
-        await link.close()
+    async with running_node(tmp_path, link, smtp, session) as started:
+        yield started
 
 
 def sms_code(text: str) -> str:

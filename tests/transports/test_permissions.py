@@ -30,7 +30,7 @@ from tests.support.daemon import (
 from tests.support.gateway import Gateway
 from tests.support.mail import SmtpServer
 from tests.support.services import MQTT_HOST, MQTT_PORT, require_tcp
-from tests.transports.links import Link, MqttLink, RedisPubsubLink, start_node
+from tests.transports.links import Link, MqttLink, RedisPubsubLink, running_node, start_node
 
 OPS, ROOT, PASSWORD = "ops", "root-ops", "ops:pass"
 FORWARD_ALL_CALLS = "**21*+15551234567#"
@@ -141,16 +141,8 @@ async def node(request: pytest.FixtureRequest, tmp_path: Path, smtp: SmtpServer,
     make, service = LINKS[request.param]
     require_tcp(request.param, *service)
     link = make()
-    await link.open()
-    try:
-        started = await start_node(tmp_path, link, smtp, session)
-        try:
-            yield started
-        finally:
-            await started.stop()
-            await started.sim.stop()
-    finally:
-        await link.close()
+    async with running_node(tmp_path, link, smtp, session) as started:
+        yield started
 
 
 @pytest.mark.services
