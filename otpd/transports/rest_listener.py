@@ -131,10 +131,10 @@ class GuardedHandler(RequestHandler):
         before = self._request_count
         super().data_received(data)
         heads = self._request_count - before
-        if heads > 0 and self._messages:
+        if heads > 0:
             # Still queued: the handler task runs after this callback returns.
-            self._payload = self._messages[-1][1]
-            clock.heads(now, heads, self._payload.is_eof())
+            self._payload = self._messages[-1][1] if self._messages else None
+            clock.heads(now, heads, self._payload is None or self._payload.is_eof())
         elif self._payload is not None and self._payload.is_eof():
             clock.body_complete()
         self._reschedule()

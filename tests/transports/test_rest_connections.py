@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import resource
+import ssl
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ from tests.support.daemon import (
     start_daemon,
     write_config,
 )
-from tests.support.processes import DaemonProcess
+from tests.support.processes import DaemonProcess, self_signed
 from tests.support.waiting import wait_until
 
 NOFILE = 256
@@ -309,3 +310,21 @@ async def test_expect_100_continue_for_a_valid_user(run: Running) -> None:
     status, _, body = await within(5, read_response(reader))
     assert status.startswith("HTTP/1.1 417") and json.loads(body)["response_code"] == "1300"
     close((reader, writer))
+
+
+async def test_tls_handshake_is_bounded_by_the_header_timeout(
+        tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    cert, key = self_signed(tmp_path)
+    config = server_keys(write_config(tmp_path),
+                         f'tls_cert = "{cert}"\ntls_key = "{key}"\nheader_timeout = 1')
+    running = await start_daemon(config, session)
+    try:
+        port = rest_port(running)
+        # Connected, never a ClientHello: closed at the header timeout.
+        how, after = await timed_close(await connect(port))
+        assert how in ("eof", "reset") and 0.8 <= after < 3
+        context = ssl.create_default_context(cafile=str(cert))
+        async with session.get(f"https://127.0.0.1:{port}/healthz", ssl=context) as resp:
+            assert resp.status == 200 and resp.headers["Server"] == "otpd"
+    finally:
+        await running.daemon.stop()
