@@ -8,6 +8,14 @@ What to do is decided by pure code; this module only performs it:
 ``replies.py`` reads the answers, ``sweep.py`` decides when stored copies of
 sent messages are deleted (the rules are in its docstring), ``pin.py`` enters
 the SIM PIN (at most once).
+
+Delivery reports: with ``delivery_reports`` on, ``open()`` asks the modem to
+pass status reports on (``AT+CNMI`` ds=1: a ``+CDS`` URC with the PDU; else
+ds=2: stored, announced by ``+CDSI``) and parts are sent with TP-SRR. Every
+decoded report goes to ``on_report``: at once for ``+CDS``; stored ones are
+read and deleted by ``read_stored_reports()`` (the pool calls it when
+``reports_waiting`` is set), and a sweep also deletes reports already read.
+Received messages are never deleted.
 """
 
 from __future__ import annotations
@@ -128,6 +136,7 @@ class Modem:
         timing: Timing | None = None,
         on_trouble: Callable[[str], None] | None = None,
         on_urc: Callable[[Urc], None] | None = None,
+        on_report: Callable[[pdu.StatusReport], None] | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.name
@@ -137,6 +146,11 @@ class Modem:
         self.on_trouble = on_trouble
         self.on_urc = on_urc
         self.incoming_waiting = asyncio.Event()  # +CMTI seen
+        self.on_report = on_report
+        # How status reports arrive: "direct" (+CDS), "stored" (+CDSI), "" (off).
+        self.reports = ""
+        self.reports_waiting = asyncio.Event()  # a stored report was announced
+        self._stored_reports: list[tuple[str, int]] = []  # (storage, index) announced
         self._serial: serial.Serial | None = None
         self._fd = -1
         self._parser = AtParser()
@@ -269,14 +283,44 @@ class Modem:
             self.info.csq = replies.rssi_urc(line[6:])
         elif upper.startswith("+CREG:"):
             self.info.registered = replies.creg_urc_registered(line[6:])
+        elif upper.startswith(("+CDSI:", "+CMTI:")) and self._report_stored(line):
+            pass
         elif upper.startswith("+CMTI:"):
             self.incoming_waiting.set()
+        elif upper.startswith("+CDS:") and urc.body is not None:
+            self._report_direct(line, urc.body)
         elif upper.startswith("+CUSD:") and self._ussd is not None and not self._ussd.done():
             self._ussd.set_result(line[6:].strip())
         elif upper.startswith(replies.RESTART_URCS) and self.on_trouble is not None:
             self.on_trouble(f"modem restarted ({line})")
         if self.on_urc is not None:
             self.on_urc(urc)
+
+    def _report_stored(self, line: str) -> bool:
+        """A ``+CDSI`` (or a ``+CMTI`` into the report storage) to read later."""
+        where = replies.stored_at(line.partition(":")[2])
+        if where is None:
+            return False
+        is_report = line.upper().startswith("+CDSI:") or where[0] == replies.REPORT_STORAGE
+        if is_report and where not in self._stored_reports:
+            self._stored_reports.append(where)
+            self.reports_waiting.set()
+        return is_report
+
+    def _report_direct(self, line: str, body: str) -> None:
+        try:
+            report = pdu.decode_listed(body, replies.cds_length(line))
+        except pdu.PduError as exc:
+            log.warning("modem %s: undecodable status report: %s", self.name, exc)
+            return
+        if isinstance(report, pdu.StatusReport):
+            self._report(report)
+
+    def _report(self, report: pdu.StatusReport) -> None:
+        log.debug("modem %s: status report mr %d: 0x%02X (%s)", self.name, report.reference,
+                  report.status, report.meaning)
+        if self.on_report is not None:
+            self.on_report(report)
 
     # --- exchanges -------------------------------------------------------------------
 
@@ -387,6 +431,7 @@ class Modem:
         if not reply.ok:
             raise CommandError("AT+CMGF=0", reply.final)
         await self._select_storage()
+        self.reports = await self._setup_reports() if self.settings.delivery_reports else ""
         for line in self.settings.init_commands:
             await self.command(line)
         await self._identify()
@@ -459,6 +504,18 @@ class Modem:
                 return
         log.warning("modem %s: cannot select storage %s, using the default", self.name, mem)
 
+    async def _setup_reports(self) -> str:
+        """Have the modem pass status reports on; "direct", "stored" or "" (neither taken)."""
+        # Service 0: reports need no AT+CNMA (with service 1 an unacked +CDS is lost).
+        await self.exchange("AT+CSMS=0")
+        if (await self.patient(replies.CNMI_DIRECT)).ok:
+            return "direct"
+        if (await self.patient(replies.CNMI_STORED)).ok:
+            return "stored"
+        log.warning("modem %s: takes neither %s nor %s; sending without delivery reports",
+                    self.name, replies.CNMI_DIRECT, replies.CNMI_STORED)
+        return ""
+
     async def _identify(self) -> None:
         info = self.info
         info.manufacturer = await self._text("AT+CGMI")
@@ -515,6 +572,8 @@ class Modem:
     async def _delete_stored_copies(self) -> tuple[int, int | None]:
         """(copies deleted, free slots after) of one sweep."""
         deleted = 0
+        if self.reports:
+            await self._take_read_reports()
         for stat in (2, 3):
             for index, listed_stat, _ in await self._listing(stat):
                 if listed_stat != stat:  # a modem that ignores the filter: touch nothing else
@@ -526,6 +585,56 @@ class Modem:
                     log.warning("modem %s: cannot delete stored message %d: %s", self.name,
                                 index, reply.final.describe())
         return deleted, await self._free_storage()
+
+    async def _take_read_reports(self) -> None:
+        """Status reports already read (REC READ) but still stored: pass on, delete.
+        Only those: received messages in that listing are left as they are."""
+        reply = await self.patient("AT+CMGL=1", max(self.settings.command_timeout, 10.0))
+        if not reply.ok:
+            return
+        lengths = replies.cmgl_lengths(reply.lines)
+        for index, stat, body in replies.cmgl_listing(reply.lines):
+            if stat == 1:
+                await self._take_report(index, body, lengths.get(index))
+
+    async def _take_report(self, index: int, body: str, length: int | None) -> bool:
+        """Pass the report at ``index`` on and delete it; anything else stays."""
+        try:
+            report = pdu.decode_listed(body, length)
+        except pdu.PduError:
+            return False
+        if not isinstance(report, pdu.StatusReport):
+            return False
+        self._report(report)
+        reply = await self.exchange(f"AT+CMGD={index}")
+        if not reply.ok:
+            log.warning("modem %s: cannot delete stored status report %d: %s", self.name,
+                        index, reply.final.describe())
+        return True
+
+    async def read_stored_reports(self) -> int:
+        """Read, pass on and delete the status reports ``+CDSI`` announced; how many.
+        A report in another storage ("SR") is read with that storage selected
+        for reading, then the configured one is selected again."""
+        taken = 0
+        async with self._sweep_lock:  # indexes must not move under a sweep
+            self.reports_waiting.clear()
+            waiting, self._stored_reports = self._stored_reports, []
+            for mem, index in waiting:
+                other = mem != self.settings.storage.upper()
+                if other and not (await self.exchange(command("+CPMS", mem))).ok:
+                    log.warning("modem %s: cannot select storage %s to read a status report",
+                                self.name, mem)
+                    continue
+                try:
+                    reply = await self.exchange(f"AT+CMGR={index}")
+                    found = replies.cmgr_message(reply.lines) if reply.ok else None
+                    if found is not None and await self._take_report(index, *found):
+                        taken += 1
+                finally:
+                    if other:
+                        await self.exchange(command("+CPMS", self.settings.storage))
+        return taken
 
     async def _free_storage(self) -> int | None:
         """Free slots in the storage sent messages go to (``<mem2>`` of AT+CPMS?)."""
@@ -548,14 +657,24 @@ class Modem:
         """Unread received messages (the modem marks them read; they stay stored)."""
         self.incoming_waiting.clear()
         result: list[Incoming] = []
-        for index, _, body in await self._listing(0):
+        reports: list[tuple[int, str, int | None]] = []
+        reply = await self.patient("AT+CMGL=0", max(self.settings.command_timeout, 10.0))
+        listed = replies.cmgl_listing(reply.lines) if reply.ok else []
+        lengths = replies.cmgl_lengths(reply.lines) if reply.ok else {}
+        for index, _, body in listed:
             try:
-                msg = pdu.decode(body)
+                msg = pdu.decode_listed(body, lengths.get(index))
             except pdu.PduError:
                 log.warning("modem %s: undecodable stored message %d", self.name, index)
                 continue
             if isinstance(msg, pdu.Deliver):
                 result.append(Incoming(index, msg))
+            elif isinstance(msg, pdu.StatusReport):
+                reports.append((index, body, lengths.get(index)))
+        if reports:  # stored status reports come with the unread messages
+            async with self._sweep_lock:
+                for index, body, length in reports:
+                    await self._take_report(index, body, length)
         return result
 
     # --- sending ---------------------------------------------------------------------------
@@ -578,7 +697,7 @@ class Modem:
             reference=self._next_reference(),
             max_parts=self.settings.max_parts,
             validity=validity,
-            status_report=self.settings.status_report,
+            status_report=bool(self.reports),
         )
         refs: list[int] = []
         healthy = True

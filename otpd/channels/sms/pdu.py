@@ -1,4 +1,5 @@
-"""SMS PDU codec (3GPP TS 23.040): SMS-SUBMIT encode/decode, SMS-DELIVER encode/decode.
+"""SMS PDU codec (3GPP TS 23.040): SMS-SUBMIT encode/decode, SMS-DELIVER encode/decode,
+SMS-STATUS-REPORT encode/decode (the delivery report of a submitted part).
 
 Long text becomes a concatenated SMS: each part carries a UDH with the
 reference, the part count and the part number. Parts never split a GSM
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
+from enum import StrEnum
 
 from otpd.channels.sms import gsm7
 
@@ -61,6 +63,91 @@ class Deliver:
     dcs: int
     concat: Concat | None
     timestamp: datetime
+
+
+class ReportOutcome(StrEnum):
+    """What a TP-Status (23.040 §9.2.3.15) says about the submitted part."""
+
+    DELIVERED = "delivered"  # transaction completed (0x00-0x1F)
+    TRYING = "trying"  # temporary error, the SC is still trying (0x20-0x3F)
+    FAILED = "failed"  # permanent error, the SC makes no more attempts (0x40-0x5F)
+    GAVE_UP = "gave_up"  # temporary error, the SC makes no more attempts (0x60-0x7F)
+
+    @property
+    def final(self) -> bool:
+        return self is not ReportOutcome.TRYING
+
+
+# TP-ST values that 23.040 names; the others are reserved or SC-specific.
+STATUS_MEANINGS: dict[int, str] = {
+    0x00: "received by the SME",
+    0x01: "forwarded to the SME, delivery not confirmed",
+    0x02: "replaced by the SC",
+    0x20: "congestion (still trying)",
+    0x21: "SME busy (still trying)",
+    0x22: "no response from SME (still trying)",
+    0x23: "service rejected (still trying)",
+    0x24: "quality of service not available (still trying)",
+    0x25: "error in SME (still trying)",
+    0x40: "remote procedure error",
+    0x41: "incompatible destination",
+    0x42: "connection rejected by SME",
+    0x43: "not obtainable",
+    0x44: "quality of service not available",
+    0x45: "no interworking available",
+    0x46: "SM validity period expired",
+    0x47: "SM deleted by originating SME",
+    0x48: "SM deleted by SC administration",
+    0x49: "SM does not exist",
+    0x60: "congestion (no more attempts)",
+    0x61: "SME busy (no more attempts)",
+    0x62: "no response from SME (no more attempts)",
+    0x63: "service rejected (no more attempts)",
+    0x64: "quality of service not available (no more attempts)",
+    0x65: "error in SME (no more attempts)",
+}
+
+
+def status_outcome(status: int) -> ReportOutcome:
+    """The class of a TP-ST value: bits 6..5 choose it, for reserved and
+    SC-specific values of a range too. Bit 7 set is reserved as a whole: read
+    as "service rejected" (0x63), a final failure, so an unknown code never
+    counts as delivered nor keeps a message waiting."""
+    if not 0 <= status <= 0xFF:
+        raise ValueError("TP-ST is one octet")
+    if status & 0x80:
+        return ReportOutcome.GAVE_UP
+    return (ReportOutcome.DELIVERED, ReportOutcome.TRYING, ReportOutcome.FAILED,
+            ReportOutcome.GAVE_UP)[status >> 5]
+
+
+def status_meaning(status: int) -> str:
+    if status in STATUS_MEANINGS:
+        return STATUS_MEANINGS[status]
+    if status & 0x80:
+        return "reserved"
+    low = status & 0x1F
+    return "SC-specific" if low >= 0x10 else "reserved"
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """An SMS-STATUS-REPORT: what became of the part sent with TP-MR ``reference``."""
+
+    reference: int  # TP-MR of the SMS-SUBMIT it reports on
+    recipient: str  # TP-RA, as the SC wrote it (may be national, or lack the "+")
+    submitted: datetime  # TP-SCTS: when the SC received the part
+    discharged: datetime  # TP-DT: delivery, or the time of this status
+    status: int  # TP-ST
+    command: bool = False  # TP-SRQ: reports on an SMS-COMMAND, not a submit
+
+    @property
+    def outcome(self) -> ReportOutcome:
+        return status_outcome(self.status)
+
+    @property
+    def meaning(self) -> str:
+        return status_meaning(self.status)
 
 
 # --- addresses -------------------------------------------------------------------
@@ -355,8 +442,10 @@ def _split_smsc(pdu: str, with_smsc: bool) -> bytes:
     return raw[1 + raw[0] :]
 
 
-def decode(pdu: str, *, with_smsc: bool = True) -> Submit | Deliver:
-    """Decode an SMS-SUBMIT or SMS-DELIVER given as hex (as in AT+CMGS/+CMGL)."""
+def decode(pdu: str, *, with_smsc: bool = True) -> Submit | Deliver | StatusReport:
+    """Decode an SMS-SUBMIT, SMS-DELIVER or SMS-STATUS-REPORT given as hex (as in
+    AT+CMGS/+CMGL). MTI 2 is read as a status report: stored and received
+    messages come from the SC, and an SMS-COMMAND is never stored."""
     tpdu = _split_smsc(pdu, with_smsc)
     try:
         return _decode_tpdu(tpdu)
@@ -364,7 +453,26 @@ def decode(pdu: str, *, with_smsc: bool = True) -> Submit | Deliver:
         raise PduError("PDU truncated") from None
 
 
-def _decode_tpdu(tpdu: bytes) -> Submit | Deliver:
+def decode_listed(pdu: str, tpdu_length: int | None) -> Submit | Deliver | StatusReport:
+    """Decode a PDU that a modem announced with its TPDU ``<length>`` (+CDS,
+    +CMGL, +CMGR): 27.005 puts the SMSC address first, but some modems leave
+    it out; the length tells which (None: trust the standard)."""
+    try:
+        raw = bytes.fromhex(pdu.strip())
+    except ValueError:
+        raise PduError("PDU is not hex") from None
+    bare = (tpdu_length is not None and len(raw) == tpdu_length
+            and not (raw and 1 + raw[0] + tpdu_length == len(raw)))
+    try:
+        return decode(pdu, with_smsc=not bare)
+    except PduError:
+        if not bare:
+            raise
+        # A length that counted the SMSC octets too (seen on some modems).
+        return decode(pdu, with_smsc=True)
+
+
+def _decode_tpdu(tpdu: bytes) -> Submit | Deliver | StatusReport:
     if not tpdu:
         raise PduError("empty TPDU")
     first = tpdu[0]
@@ -390,7 +498,42 @@ def _decode_tpdu(tpdu: bytes) -> Submit | Deliver:
         stamp = _decode_timestamp(tpdu[pos + 2 : pos + 9])
         text, concat = _user_data(tpdu, pos + 9, dcs, udhi)
         return Deliver(sender, text, dcs, concat, stamp)
+    if mti == 0x02:
+        return _decode_status_report(tpdu)
     raise PduError(f"unsupported message type {mti}")
+
+
+def _decode_status_report(tpdu: bytes) -> StatusReport:
+    """Fo, TP-MR, TP-RA, TP-SCTS, TP-DT, TP-ST; the optional TP-PI and what it
+    announces (PID, DCS, user data) say nothing about delivery: not read."""
+    if len(tpdu) < 2:
+        raise PduError("status report truncated")
+    first, mr = tpdu[0], tpdu[1]
+    recipient, pos = _decode_address(tpdu, 2)
+    if pos + 15 > len(tpdu):
+        raise PduError("status report truncated")
+    submitted = _decode_timestamp(tpdu[pos : pos + 7])
+    discharged = _decode_timestamp(tpdu[pos + 7 : pos + 14])
+    return StatusReport(mr, recipient, submitted, discharged, tpdu[pos + 14],
+                        command=bool(first & 0x20))
+
+
+def encode_status_report(
+    reference: int,
+    recipient: str,
+    submitted: datetime,
+    discharged: datetime,
+    status: int,
+    *,
+    smsc: bool = True,
+) -> str:
+    """One SMS-STATUS-REPORT PDU (for the simulator): first octet 0x06 (MTI 2,
+    TP-MMS no more messages), no TP-PI. ``smsc``: with an empty SMSC field."""
+    if not 0 <= reference <= 0xFF or not 0 <= status <= 0xFF:
+        raise ValueError("TP-MR and TP-ST are one octet")
+    tpdu = bytes([0x06, reference]) + _encode_address(recipient)
+    tpdu += _encode_timestamp(submitted) + _encode_timestamp(discharged) + bytes([status])
+    return ("00" if smsc else "") + tpdu.hex().upper()
 
 
 def join_texts(parts: list[str]) -> str:

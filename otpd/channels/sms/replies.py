@@ -21,7 +21,7 @@ STORAGE_FULL = frozenset({(FinalKind.CMS, 322), (FinalKind.CME, 20)})
 # Unsolicited lines a modem sends when it has (re)started on its own.
 RESTART_URCS = ("RDY", "^SYSSTART")
 
-_CMGL = re.compile(r"\+CMGL:\s*(\d+)\s*,\s*(\d+)", re.IGNORECASE)
+_CMGL = re.compile(r"\+CMGL:\s*(\d+)\s*,\s*(\d+)(?:\s*,[^,]*,\s*(\d+))?", re.IGNORECASE)
 _CMGL_SPLIT = re.compile(r"\+CMGL:", re.IGNORECASE)
 _USSD = re.compile(r'\s*(\d)\s*(?:,\s*"?(.*?)"?\s*(?:,\s*(\d+))?)?\s*$', re.DOTALL)
 _UCS2_HEX = re.compile(r"(?:[0-9A-Fa-f]{4})+")
@@ -29,6 +29,14 @@ _UCS2_HEX = re.compile(r"(?:[0-9A-Fa-f]{4})+")
 
 # One stored message of an ``AT+CMGL`` listing (PDU mode): (index, stat, pdu).
 Listed = tuple[int, int, str]
+
+# AT+CNMI settings that pass status reports on, best first: ``+CDS`` with the PDU
+# (ds=1; SIM800L takes only the 5-field form), else stored and announced with
+# ``+CDSI`` (ds=2; Huawei, Wavecom). mt=1 keeps incoming SMS stored (+CMTI).
+CNMI_DIRECT = "AT+CNMI=2,1,0,1,0"
+CNMI_STORED = "AT+CNMI=2,1,0,2"
+# Storage that holds status reports apart on some modems.
+REPORT_STORAGE = "SR"
 
 
 def fields(value: str) -> list[str]:
@@ -168,6 +176,41 @@ def cmgl_listing(lines: Sequence[str]) -> list[Listed]:
         body = _CMGL_SPLIT.split(body)[0].strip()
         found.append((int(m.group(1)), int(m.group(2)), body))
     return found
+
+
+def cmgl_lengths(lines: Sequence[str]) -> dict[int, int]:
+    """index -> announced TPDU ``<length>`` of an ``AT+CMGL`` answer, where given."""
+    found: dict[int, int] = {}
+    for line in lines:
+        m = _CMGL.search(line)
+        if m and m.group(3) is not None:
+            found[int(m.group(1))] = int(m.group(3))
+    return found
+
+
+def cmgr_message(lines: Sequence[str]) -> tuple[str, int | None] | None:
+    """(pdu, TPDU length) of an ``AT+CMGR`` answer in PDU mode (``+CMGR: <stat>,
+    [<alpha>],<length>`` then the PDU; ZTE leaves out the stat); None: empty slot."""
+    for i, line in enumerate(lines):
+        if line.upper().startswith("+CMGR:") and i + 1 < len(lines):
+            length = to_int(fields(line[6:])[-1])
+            return lines[i + 1].strip(), length
+    return None
+
+
+def cds_length(line: str) -> int | None:
+    """The TPDU length of a PDU-mode ``+CDS: <length>`` line (the PDU follows)."""
+    head, _, value = line.partition(":")
+    return to_int(value) if head.strip().upper() == "+CDS" else None
+
+
+def stored_at(value: str) -> tuple[str, int] | None:
+    """(storage, index) of a ``+CDSI:`` / ``+CMTI:`` value such as ``"SR",3``."""
+    f = fields(value)
+    if len(f) < 2:
+        return None
+    index = to_int(f[1])
+    return (f[0].upper(), index) if index is not None else None
 
 
 def cpms_free(value: str) -> int | None:

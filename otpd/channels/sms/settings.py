@@ -21,7 +21,9 @@ class ModemSettings:
     prefixes: tuple[str, ...] = ()  # canonical "+<digits>"
     enabled: bool = True
     max_parts: int = 6
-    status_report: bool = False
+    # Ask for status reports (TP-SRR) and have the modem pass them on (AT+CNMI
+    # ds=1, else ds=2); off by itself on a modem that accepts neither.
+    delivery_reports: bool = True
     command_timeout: float = 5.0
     prompt_timeout: float = 10.0
     send_timeout: float = 60.0
@@ -44,6 +46,8 @@ class SmsSettings:
     # s without a send before a modem's stored copies are swept (see otpd.channels.sms.modem);
     # not a configuration key: the default suits every modem, tests shorten it.
     idle_sweep_delay: float = 2.0
+    report_timeout: float = 3600.0  # s without a final report before delivery is "unknown"
+    delivery_window: float = 21600.0  # s of outcomes in each SIM's recent delivery statistics
 
 
 def parse_sms_settings(
@@ -74,9 +78,25 @@ def parse_sms_settings(
         refresh_interval=sms.float("refresh_interval", 60.0, min=0.1, max=86400.0),
         not_ready_timeout=sms.float("not_ready_timeout", 20.0, min=0.0, max=600.0),
         cpin_grace=sms.float("cpin_grace", 2.0, min=0.05, max=30.0),
+        report_timeout=sms.float("report_timeout", 3600.0, min=1.0, max=7 * 86400.0),
+        delivery_window=sms.float("delivery_window", 21600.0, min=60.0, max=30 * 86400.0),
     )
     sms.finish()
     return result
+
+
+def _delivery_reports(section: Section) -> bool:
+    """``delivery_reports`` (default on); ``status_report``, its older name, still read."""
+    if section.has("status_report"):
+        old = section.bool("status_report", True)
+        if section.has("delivery_reports"):
+            new = section.bool("delivery_reports", True)
+            if new != old:
+                section.error("status_report", "is the old name of delivery_reports;"
+                              " give only delivery_reports")
+            return new
+        return old
+    return section.bool("delivery_reports", True)
 
 
 def _parse_modem(section: Section, country_code: str) -> ModemSettings:
@@ -110,7 +130,7 @@ def _parse_modem(section: Section, country_code: str) -> ModemSettings:
         prefixes=tuple(prefixes),
         enabled=section.bool("enabled", True),
         max_parts=section.int("max_parts", 6, min=1, max=255),
-        status_report=section.bool("status_report", False),
+        delivery_reports=_delivery_reports(section),
         command_timeout=section.float("command_timeout", 5.0, min=0.05, max=600.0),
         prompt_timeout=section.float("prompt_timeout", 10.0, min=0.05, max=600.0),
         send_timeout=section.float("send_timeout", 60.0, min=0.05, max=600.0),

@@ -66,7 +66,7 @@ def test_alphanumeric_sender() -> None:
 def test_extension_table_costs_two_septets() -> None:
     text = "€[]{}|^~\\\x0c"
     (part,) = pdu.encode_submit(RECEIVER, text)
-    assert pdu.decode(part.hex).dcs == pdu.DCS_GSM7
+    assert decode_all([part])[0].dcs == pdu.DCS_GSM7
     assert bytes.fromhex(part.hex)[-1 - (20 * 7 + 7) // 8] == 20  # UDL counts escapes
     assert joined([part]) == text
     # Exactly 160 septets fit in one SMS: 80 euro signs do, 81 do not.
@@ -84,7 +84,7 @@ def test_escape_sequence_never_split_across_parts() -> None:
 
 
 def test_ucs2_when_needed_and_emoji_never_split() -> None:
-    assert pdu.decode(pdu.encode_submit(RECEIVER, "Привет")[0].hex).dcs == pdu.DCS_UCS2
+    assert decode_all(pdu.encode_submit(RECEIVER, "Привет"))[0].dcs == pdu.DCS_UCS2
     text = "x" + "😀" * 40  # surrogate pairs; one part holds 67 UTF-16 units
     parts = pdu.encode_submit(RECEIVER, text)
     assert len(parts) == 2

@@ -37,7 +37,7 @@ def test_all_keys_and_sms_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     settings, errors = parse({
         "modem": [
             {"name": "a", "port": "/dev/a", "baud": 9600, "pin_file": str(pin_file),
-             "enabled": False, "max_parts": 3, "status_report": True, "prompt_timeout": 5,
+             "enabled": False, "max_parts": 3, "delivery_reports": False, "prompt_timeout": 5,
              "send_timeout": 30.5, "command_timeout": 2, "init_commands": ["AT^CURC=0"],
              "delete_sent": False, "read_inbox": True, "storage": "ME"},
             {"name": "b", "port": "/dev/b", "pin_env": "MODEM_PIN"},

@@ -6,12 +6,20 @@ replies, hangs, quirks of real modem families (profiles). No I/O and no
 clock of its own: ``pty.py`` feeds it the host's bytes (``receive``), writes
 what ``data_to_send()`` returns, sleeps while ``pause`` says the device is
 busy and then calls ``resume()``; clocks are passed in.
+
+Status reports: a part sent with TP-SRR gets one ``report_delay`` s later,
+as the SIM's ``reports`` setting says ("delivered", "failed" with a permanent
+error, "never"), passed on as ``AT+CNMI`` asked (ds=1: ``+CDS``; ds=2: stored
+and announced with ``+CDSI``; ds=0: dropped). Timed events wait in a queue:
+the adapter asks ``next_timer()`` and calls ``run_timers()`` when it is due.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
+import itertools
 import random
 import re
 from collections.abc import Callable
@@ -30,6 +38,8 @@ STO_SENT = _STO_SENT  # the stat of a stored copy of a sent message
 # Commands that need the SIM's SMS service: they fail while the SIM is "busy".
 _SIM_COMMANDS = {"+CMGF", "+CPMS", "+CMGS", "+CMGW", "+CMSS", "+CMGL", "+CMGR", "+CMGD", "+CSCA"}
 _FAULTS = ("hang", "error", "not_ready")
+# What the network reports for a part sent with TP-SRR, and the default TP-ST of each.
+REPORTS = {"delivered": 0x00, "failed": 0x41, "never": None}
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,13 @@ class DeviceModel:
         capacity: int = 30,
         csq: int = 18,
         fail_code: int = 38,
+        reports: str = "delivered",
+        report_delay: float = 0.05,
+        report_status: int | None = None,
+        report_ds: tuple[int, ...] = (0, 1, 2),
     ) -> None:
+        if reports not in REPORTS:
+            raise ValueError(f"unknown reports {reports!r}; known: {', '.join(REPORTS)}")
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
         if not 0.0 <= fail_rate <= 1.0:
@@ -122,6 +138,10 @@ class DeviceModel:
         self.capacity = capacity
         self.csq = csq
         self.fail_code = fail_code
+        self.reports = reports
+        self.report_delay = report_delay
+        self.report_status = report_status  # overrides the TP-ST that ``reports`` implies
+        self.report_ds = report_ds  # the AT+CNMI <ds> values this device accepts
         self._rng = random.Random(seed)
 
         self.sent: list[SentMessage] = []
@@ -133,6 +153,9 @@ class DeviceModel:
         self.fault_code = 500
         self._fault_after: int | None = None  # parts still sent before the fault starts
         self._pending_fault: str | None = None
+        self.status_reports: list[str] = []  # every report PDU the network sent back
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_ids = itertools.count()
         self.on_sent: Callable[[SentMessage], None] | None = None
         # Called with each command line the moment it is complete (benchmarks time it).
         self.on_command: Callable[[str], None] | None = None
@@ -158,6 +181,7 @@ class DeviceModel:
         self.cscs = "GSM"
         self.creg_mode = 0
         self.curc = True
+        self.cnmi_ds = 0
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -426,10 +450,23 @@ class DeviceModel:
         self._reply(["+CSMP: 17,167,0,0"] if op == "?" else [])
 
     def _cmd_cnmi(self, op: str, args: str) -> None:
-        if op == "=" and args.replace(" ", "") in self.profile.reject_cnmi:
+        values = args.replace(" ", "").split(",")
+        ds = int(values[3]) if op == "=" and len(values) > 3 and values[3] else 0
+        if op == "=" and (args.replace(" ", "") in self.profile.reject_cnmi
+                          or ds not in self.report_ds):
             self._reply(final="ERROR")
+            return
+        if op == "=":
+            self.cnmi_ds = ds
+        self._reply([f"+CNMI: 2,1,0,{self.cnmi_ds},0"] if op == "?" else [])
+
+    def _cmd_csms(self, op: str, args: str) -> None:
+        if op == "=" and args.strip() in ("0", "1"):
+            self._reply(["+CSMS: 1,1,1"])
+        elif op == "?":
+            self._reply(["+CSMS: 0,1,1,1"])
         else:
-            self._reply(["+CNMI: 2,1,0,0,0"] if op == "?" else [])
+            self._reply(["+CSMS: (0,1)"] if op == "=?" else [], "OK" if op == "=?" else "ERROR")
 
     def _cmd_cfun(self, op: str, args: str) -> None:
         if op == "?":
@@ -555,6 +592,9 @@ class DeviceModel:
             head = f"{index}," if prefix == "+CMGL" else ""
             return [f"{prefix}: {head}{item.stat},,{tpdu_len}", item.pdu]
         msg = pdu.decode(item.pdu)
+        if isinstance(msg, pdu.StatusReport):  # text mode: 27.005 §3.4.1 report fields
+            return [f'{prefix}: {f"{index}," if prefix == "+CMGL" else ""}'
+                    f'"{_STAT_TEXT[item.stat]}",6,{msg.reference}']
         who = msg.receiver if isinstance(msg, pdu.Submit) else msg.sender
         head = f"{index}," if prefix == "+CMGL" else ""
         return [f'{prefix}: {head}"{_STAT_TEXT[item.stat]}","{who}"', msg.text]
@@ -680,6 +720,7 @@ class DeviceModel:
         self._urcs(self.profile.submit_urcs)
         self._mr = (self._mr + 1) % 256
         self._record(hex_pdu)
+        self._expect_report(hex_pdu, self._mr)
         if self.store_sent and prefix == "+CMGS":
             with contextlib.suppress(ValueError):  # filled by an SMS received meanwhile
                 self.storage[self._free_index()] = Stored(_STO_SENT, hex_pdu)
@@ -745,6 +786,53 @@ class DeviceModel:
             self.sent_sink(item)
         if self.on_sent is not None:
             self.on_sent(item)
+
+    # --- status reports -------------------------------------------------------------
+
+    def _expect_report(self, hex_pdu: str, mr: int) -> None:
+        msg = pdu.decode(hex_pdu)
+        status = REPORTS[self.reports]
+        if status is not None and self.report_status is not None:
+            status = self.report_status
+        if not isinstance(msg, pdu.Submit) or not msg.status_report or status is None:
+            return  # "never": the network stays silent
+        submitted = self.wall_clock()
+        self.after(self.report_delay,
+                   partial(self._status_report, mr, msg.receiver, submitted, status))
+
+    def _status_report(self, mr: int, receiver: str, submitted: float, status: int) -> None:
+        now = self.wall_clock()
+        report = pdu.encode_status_report(
+            mr, receiver, datetime.fromtimestamp(submitted, UTC),
+            datetime.fromtimestamp(now, UTC), status)
+        self.status_reports.append(report)
+        if self.cnmi_ds == 1:
+            self.emit_urc(f"+CDS: {len(report) // 2 - 1}\r\n{report}")
+        elif self.cnmi_ds == 2:
+            try:
+                index = self._free_index()
+            except ValueError:
+                return  # storage full: the report is lost, as on a real modem
+            self.storage[index] = Stored(_REC_UNREAD, report)
+            self.emit_urc(f'+CDSI: "SM",{index}')
+
+    # --- timers -----------------------------------------------------------------------
+
+    def after(self, seconds: float, action: Callable[[], None]) -> None:
+        """Run ``action`` once ``seconds`` have passed on ``clock``."""
+        heapq.heappush(self._timers, (self.clock() + seconds, next(self._timer_ids), action))
+
+    def next_timer(self) -> float | None:
+        """The ``clock`` time of the next timed event, if any."""
+        return self._timers[0][0] if self._timers else None
+
+    def run_timers(self) -> None:
+        """Run every timed event that is due."""
+        now = self.clock()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, action = heapq.heappop(self._timers)
+            if self.fault != "hang":
+                action()
 
     def periodic_urc(self, tick: int) -> bool:
         """The ``tick``-th periodic URC of the profile; False while URCs are off (^CURC=0)."""

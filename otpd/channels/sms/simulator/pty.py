@@ -76,6 +76,12 @@ class ModemSimulator:
     capacity: _OfModel[int] = _OfModel()
     csq: _OfModel[int] = _OfModel()
     fail_code: _OfModel[int] = _OfModel()
+    reports: _OfModel[str] = _OfModel()
+    report_delay: _OfModel[float] = _OfModel()
+    report_status: _OfModel[int | None] = _OfModel()
+    report_ds: _OfModel[tuple[int, ...]] = _OfModel()
+    status_reports: _OfModel[list[str]] = _OfModel()
+    cnmi_ds: _OfModel[int] = _OfModel()
     sent: _OfModel[list[SentMessage]] = _OfModel()
     storage: _OfModel[dict[int, Stored]] = _OfModel()
     commands: _OfModel[list[str]] = _OfModel()
@@ -111,6 +117,10 @@ class ModemSimulator:
         capacity: int = 30,
         csq: int = 18,
         fail_code: int = 38,
+        reports: str = "delivered",
+        report_delay: float = 0.05,
+        report_status: int | None = None,
+        report_ds: tuple[int, ...] = (0, 1, 2),
     ) -> None:
         self.link = Path(link)
         self.sent_log = sent_log
@@ -132,12 +142,18 @@ class ModemSimulator:
             capacity=capacity,
             csq=csq,
             fail_code=fail_code,
+            reports=reports,
+            report_delay=report_delay,
+            report_status=report_status,
+            report_ds=report_ds,
         )
         self._master = -1
         self._slave = -1
         self._out_pending = bytearray()
         self._tasks: list[asyncio.Task[None]] = []
         self._waker: asyncio.Task[None] | None = None  # sleeps while the model is busy
+        self._timer: asyncio.TimerHandle | None = None  # the model's next timed event
+        self._timer_due = 0.0
         self._running = False
 
     # --- lifecycle ----------------------------------------------------------------
@@ -165,6 +181,7 @@ class ModemSimulator:
         self._master, self._slave = master, slave
         self.model.disconnect()  # a new port starts with no input
         self._out_pending.clear()
+        self._timer = None
         tmp = self.link.with_name(self.link.name + ".tmp")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -183,6 +200,9 @@ class ModemSimulator:
         if self._waker is not None:
             self._waker.cancel()  # a send in progress dies with the port
             self._waker = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.model.disconnect()
         if self._master >= 0:
             loop = asyncio.get_running_loop()
@@ -265,6 +285,25 @@ class ModemSimulator:
         data = self.model.data_to_send()
         if data:
             self._write(data)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """Wake for the model's next timed event (a status report), if earlier than set."""
+        due = self.model.next_timer()
+        if due is None or self._master < 0:
+            return
+        if self._timer is not None and self._timer_due <= due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = asyncio.get_running_loop().call_later(
+            max(due - _monotonic(), 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.model.run_timers()
+        self._send_out()
 
     def _write(self, data: bytes) -> None:
         if self._master < 0:
