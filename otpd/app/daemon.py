@@ -21,8 +21,10 @@ from otpd.auth.htpasswd import SALTED_SCHEMES, HtpasswdError, HtpasswdFile
 from otpd.channels.email import SmtpChannel
 from otpd.channels.sms.quota import QuotaError
 from otpd.channels.sms.quota import SimQuota as PoolQuota
-from otpd.delivery.channel import Capacity, Channel, WorkSource
+from otpd.delivery.channel import Capacity, Channel, Job, WorkSource
 from otpd.delivery.engine import DeliveryEngine
+from otpd.delivery.handover import handover_envelope
+from otpd.delivery.intake import EngineIntake
 from otpd.errors import StartupError
 from otpd.limits import Limiter, SimQuota
 from otpd.metrics import Metrics
@@ -135,7 +137,22 @@ class Daemon:
         self.metrics: Metrics | None = None
         self.control: ControlServer | None = None
         self.ddns: DdnsUpdater | None = None
+        self.intake: EngineIntake | None = None
         self.started = asyncio.Event()
+
+    @property
+    def shares_work(self) -> bool:
+        """Several nodes on one queue: take work by capacity, hand back what is late."""
+        mode = self.settings.delivery.share_work
+        return mode == "on" or (mode == "auto" and self.settings.store.backend == "redis")
+
+    async def _hand_over(self, job: Job) -> bool:
+        """Publish a held message to the first shared queue that takes it."""
+        envelope = handover_envelope(job)
+        for consumer in self.consumers:
+            if consumer.intake is not None and await consumer.republish(envelope):
+                return True
+        return False
 
     async def start(self) -> None:
         s = self.settings
@@ -154,7 +171,11 @@ class Daemon:
         if s.metrics.enabled:
             self.metrics = Metrics()
             self.metrics.watch(self.status)
-        self.engine = DeliveryEngine(self.store, channels, sealer, metrics=self.metrics)
+        self.engine = DeliveryEngine(self.store, channels, sealer, metrics=self.metrics,
+                                     admission=s.delivery.admission)
+        self.intake = EngineIntake(self.engine)
+        if self.shares_work:
+            self.engine.handover = self._hand_over  # before start: resumed rows are checked
         await self.engine.start()
         self.service = Service(s.otp, s.delivery, Limiter(s.limits, self.store), self.store,
                                self.engine, channels, key, sealer, metrics=self.metrics)
@@ -172,6 +193,8 @@ class Daemon:
         self.consumers = build_consumers(s.brokers, self.service, s.delivery.wait,
                                          reserved_prefixes=store_key_prefixes(s.store))
         for consumer in self.consumers:
+            if self.shares_work:
+                consumer.attach(self.intake)
             await consumer.start()
         self._tasks.append(asyncio.create_task(self._purge_loop(), name="purge"))
         await self._apply_ddns(s.ddns)
@@ -265,6 +288,8 @@ class Daemon:
             "uncertain_resends": self.engine.uncertain_resends,
             "channels": {name: q.channel.status() for name, q in self.engine.queues.items()},
             "brokers": [c.status() for c in self.consumers],
+            "intake": (self.intake.status() if self.intake is not None and self.shares_work
+                       else None),
             "ddns": self.ddns.status() if self.ddns is not None else None,
         }
 

@@ -13,11 +13,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from otpd.aio import cancel_and_wait
-from otpd.delivery.channel import Channel, Delivered, Failed, Job, Outcome, Retry
+from otpd.delivery import admission
+from otpd.delivery.admission import AdmissionSettings, Gate, Observed
+from otpd.delivery.channel import Capacity, Channel, Delivered, Failed, Job, Outcome, Retry
+from otpd.delivery.handover import dedupe_key
 from otpd.delivery.jobqueue import JobQueue, Pending
 from otpd.metrics import Metrics
 from otpd.msisdn import mask
@@ -28,6 +31,11 @@ from otpd.wire.codes import Code
 log = logging.getLogger("otpd.delivery.engine")
 
 _MAX_SWEEP_SLEEP = 5.0
+_HANDOVER_CHECK = 1.0  # s between two looks for held messages to hand back
+_SEND_TIME_WEIGHT = 0.2  # weight of the newest send in the moving average
+
+# Publishes a held message back to the shared queue; False if it could not.
+Handover = Callable[[Job], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -50,10 +58,41 @@ class ChannelQueue:
         self.changed = asyncio.Condition()
         self.sweep_now = asyncio.Event()
         self.sweep_at = 0.0  # when the sweeper looks next (wall clock)
+        # Measured sends, for the intake (otpd.delivery.admission).
+        self.observed = Observed()
+        self.started: dict[int, float] = {}  # job id -> monotonic time it was taken
+        self.closed_since: float | None = None  # monotonic: since when it cannot send
+        self.handed_over = 0
+
+    def capacity(self) -> Capacity:
+        cap = getattr(self.channel, "capacity", None)
+        if cap is None:  # a channel without the method (older test doubles)
+            usable = self.channel.usable()
+            return Capacity(ready=int(usable), senders=1, reason="" if usable else "unusable")
+        out: Capacity = cap()
+        return out
+
+    def gate(self, extra: int = 0) -> Gate:
+        """May the node take more of this channel (``extra``: commands being stored)?"""
+        return admission.gate(self.capacity(), self.observed, len(self.jobs) + extra,
+                              self.engine.monotonic(), self.engine.admission)
+
+    def observe(self, job: Job, outcome: Outcome) -> None:
+        started = self.started.pop(job.id, None)
+        seen = self.observed
+        if isinstance(outcome, Delivered):
+            took = None if started is None else max(self.engine.monotonic() - started, 0.0)
+            avg = seen.send_time
+            if took is not None:
+                avg = took if avg is None else avg + _SEND_TIME_WEIGHT * (took - avg)
+            self.observed = Observed(avg, 0, seen.last_failure)
+        elif isinstance(outcome, Retry):
+            self.observed = Observed(seen.send_time, seen.failures + 1, self.engine.monotonic())
 
     # -- WorkSource ----------------------------------------------------------
     async def take(self, accept: Callable[[Job], bool] | None = None) -> Job:
         job = await self._reserve(accept)
+        self.started[job.id] = self.engine.monotonic()
         await self.engine.mark_attempt(job)
         return job
 
@@ -80,6 +119,7 @@ class ChannelQueue:
 
     # -- engine side ---------------------------------------------------------
     async def notify(self) -> None:
+        self.engine.changed()  # the intake's room or the channel's capacity moved
         async with self.changed:
             self.changed.notify_all()
 
@@ -99,6 +139,7 @@ class DeliveryEngine:
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        admission: AdmissionSettings | None = None,
     ) -> None:
         # ``clock`` (wall time) is for expirations, which are absolute unix
         # seconds; ``monotonic`` times retry delays, so that a wall-clock jump
@@ -115,6 +156,19 @@ class DeliveryEngine:
         self.healthy = True
         self.uncertain_resends = 0
         self.closing = False
+        self.admission = admission or AdmissionSettings()
+        # Set by the daemon when a broker can take messages back (several nodes).
+        self.handover: Handover | None = None
+        self._listeners: list[Callable[[], None]] = []
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        """``callback`` runs (synchronously) whenever a channel's backlog or
+        capacity may have changed."""
+        self._listeners.append(callback)
+
+    def changed(self) -> None:
+        for callback in self._listeners:
+            callback()
 
     async def start(self) -> None:
         """Resume what was pending at the last stop, then start the channels."""
@@ -127,6 +181,8 @@ class DeliveryEngine:
                 self.uncertain_resends += 1
                 log.warning("message %d to %s was being sent when otpd stopped; it may have"
                             " gone out already: sending it again", row.id, mask(row.receiver))
+            if job is not None and await self._handed_over_before(job):
+                continue
             if job is not None:
                 # Not at row.next_attempt_at: that is wall-clock time, which may
                 # have gone back while otpd was down. A restart tries at once.
@@ -139,6 +195,8 @@ class DeliveryEngine:
                 asyncio.create_task(self._run_channel(queue), name=f"channel-{name}")
             )
             self._tasks.append(asyncio.create_task(self._sweep(queue), name=f"expiry-{name}"))
+            self._tasks.append(asyncio.create_task(self._hand_back(queue),
+                                                   name=f"handover-{name}"))
 
     def release_waiters(self) -> None:
         """Shutting down: whoever waits for a result hears "still pending" (1111)
@@ -218,6 +276,7 @@ class DeliveryEngine:
         pending = queue.jobs.pending.get(job.id)
         if pending is None:
             return
+        queue.observe(job, outcome)
         attempts = job.attempts + 1
         if isinstance(outcome, Retry):
             now, mono = self.clock(), self.monotonic()
@@ -269,6 +328,74 @@ class DeliveryEngine:
                 async with asyncio.timeout(sleep):
                     await queue.sweep_now.wait()
 
+    # -- handing held messages back to the shared queue ---------------------------
+    async def _handed_over_before(self, job: Job) -> bool:
+        """On resume: killed after publishing a hand-over but before recording it?
+        The shared store knows once another node accepted the copy."""
+        if self.handover is None:
+            return False
+        try:
+            dup = await self.store.duplicate_of(dedupe_key(job), None)
+        except StoreError as exc:
+            log.warning("message %d: cannot tell whether it was handed over: %s", job.id, exc)
+            return False
+        if dup is None:
+            return False
+        await self._record_final(job.id, _HANDED_OVER, job.attempts)
+        log.info("message %d to %s: already handed over to another node", job.id,
+                 mask(job.receiver))
+        return True
+
+    def _to_hand_back(self, queue: ChannelQueue) -> list[Pending]:
+        """Held messages this node would not send before they expire: all of them
+        once the channel cannot send for ``handover_after`` s, else those the
+        backlog ahead makes late."""
+        s = self.admission
+        cap, seen, mono, now = queue.capacity(), queue.observed, self.monotonic(), self.clock()
+        cannot = cap.ready <= 0 or admission.failing(cap, seen, s)
+        if not cannot:
+            queue.closed_since = None
+        elif queue.closed_since is None:
+            queue.closed_since = mono
+        out: list[Pending] = []
+        for position, p in enumerate(queue.jobs):
+            left = p.job.expires_at - now
+            if p.reserved or left <= 0.5:
+                continue  # being sent, or too late for anyone
+            if cannot:
+                assert queue.closed_since is not None
+                if mono - queue.closed_since >= s.handover_after:
+                    out.append(p)
+            elif admission.late(cap, seen, position, left, s):
+                out.append(p)
+        return out
+
+    async def _hand_back(self, queue: ChannelQueue) -> None:
+        while True:
+            await asyncio.sleep(_HANDOVER_CHECK)
+            if self.handover is None or self.closing:
+                continue
+            for p in self._to_hand_back(queue):
+                if queue.jobs.pending.get(p.job.id) is not p or p.reserved:
+                    continue  # taken meanwhile
+                queue.jobs.remove(p.job.id)  # no sender takes it while it is published
+                try:
+                    published = await self.handover(p.job)
+                except Exception as exc:
+                    log.warning("message %d: hand-over failed: %s", p.job.id, exc)
+                    published = False
+                if not published:
+                    mono = self.monotonic()
+                    queue.jobs.add(p.job, mono, mono)  # kept; tried again later
+                    queue.expires(p.job.expires_at)
+                    await queue.notify()
+                    break
+                queue.handed_over += 1
+                log.warning("message %d to %s: this node cannot send it in time; handed back"
+                            " to the shared queue", p.job.id, mask(p.job.receiver))
+                await self._resolve(p.job.id, _HANDED_OVER, p.job.attempts)
+                await queue.notify()
+
     @staticmethod
     def _expiry_result(channel: Channel, p: Pending) -> Result:
         if channel.name == "sms" and not channel.usable():
@@ -316,6 +443,12 @@ class DeliveryEngine:
                     queue.expires(p.job.expires_at)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
+
+
+# On record as "sent" via "handover": this node's part is done (and an OTP's
+# record must stay, which a failed state would drop); 1111: still pending.
+_HANDED_OVER = Result("sent", Code.PENDING, "handed back to the shared queue (another node"
+                      " sends it)", "handover")
 
 
 def _with_attempts(job: Job, attempts: int) -> Job:

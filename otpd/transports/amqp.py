@@ -32,6 +32,14 @@
   Nothing is persisted: a crash leaves at most ``reply_queues_max`` behind.
   Callback replies carry a per-message ``expiration`` (allowed without queue
   arguments), so a stale reply in a queue otpd does not own goes away too.
+* Several nodes on one queue: with the node's intake attached, the consumer
+  is started (``basic.consume``, with ``basic.qos`` set to the room) only
+  while the node has room for more work, and cancelled when it has none
+  (every modem down, failing, or its backlog full); the messages already
+  delivered are still handled, each waiting for room, and a send command this
+  node cannot send soon is nacked with requeue (another node gets it).
+  Messages the node stored but cannot send in time are re-published to the
+  queue (``publish_command``, with publisher confirms).
 * TLS: ``amqps://`` URL; ``tls_ca`` for a private CA.
 """
 
@@ -211,6 +219,8 @@ class AmqpConsumer(Consumer):
         self._reply_channel: AbstractChannel | None = None
         self._reply_lock = asyncio.Lock()
         self._acks: _Acks | None = None
+        self._channel: AbstractChannel | None = None
+        self._flow_lock = asyncio.Lock()
 
     async def _session(self) -> None:
         s = self.settings
@@ -221,6 +231,7 @@ class AmqpConsumer(Consumer):
         )
         self._connection = connection
         sweeper: asyncio.Task[None] | None = None
+        follow: asyncio.Task[None] | None = None
         try:
             channel, queue = await self._open_queue(connection)
             self._queue = queue
@@ -234,7 +245,11 @@ class AmqpConsumer(Consumer):
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
             self._acks = _Acks(underlay, self._ack_failed)
-            self._consumer_tag = await queue.consume(self._on_message, no_ack=False)
+            self._channel = channel
+            if self._gated is None:
+                self._consumer_tag = await queue.consume(self._on_message, no_ack=False)
+            else:
+                follow = asyncio.create_task(self._follow(), name=f"{self.name}-flow")
             self._set_connected(True, f"queue {s.common.topic!r} on {safe_url(s.url)}")
             sweeper = asyncio.create_task(self._sweep(), name=f"{self.name}-reply-queues")
             # Any of these ends the session; reconnecting declares the queue again.
@@ -243,20 +258,27 @@ class AmqpConsumer(Consumer):
                 asyncio.ensure_future(channel.closed()),
                 cancelled,
             ]
+            if follow is not None:
+                waiters.append(follow)  # it ends only by failing: so does the session
             try:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for waiter in waiters:
-                    waiter.cancel()
+                    if waiter is not follow:
+                        waiter.cancel()
+            if follow is not None and follow.done():
+                follow.result()
             if connection.is_closed:
                 raise ConnectionError("connection closed by RabbitMQ")
             if cancelled.done() and not self.stopping:
                 raise ConnectionError(f"RabbitMQ cancelled the consumer (queue"
                                       f" {s.common.topic!r} deleted, or closing)")
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
-                await asyncio.wait([sweeper])  # it catches its own errors
+            for task in (follow, sweeper):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.wait([task])
+            self._channel = None
             acks, self._acks = self._acks, None
             if acks is not None and not connection.is_closed:
                 with contextlib.suppress(Exception):
@@ -292,8 +314,34 @@ class AmqpConsumer(Consumer):
         return channel, await channel.declare_queue(topic, passive=True)
 
     async def _stop_intake(self) -> None:
-        if self._queue is not None and self._consumer_tag is not None:
-            await self._queue.cancel(self._consumer_tag)
+        async with self._flow_lock:
+            if self._queue is not None and self._consumer_tag is not None:
+                tag, self._consumer_tag = self._consumer_tag, None
+                await self._queue.cancel(tag)
+
+    async def _apply_flow(self, taking: bool, window: int) -> None:
+        """Consume with a prefetch of ``window`` while the node has room; cancel
+        the consumer when it has none (RabbitMQ then gives the queue to others)."""
+        async with self._flow_lock:
+            queue, channel = self._queue, self._channel
+            if queue is None or channel is None or self.stopping:
+                return
+            if taking and self._consumer_tag is None:
+                await channel.set_qos(prefetch_count=window)
+                self._consumer_tag = await queue.consume(self._on_message, no_ack=False)
+                log.info("%s: taking work (window %d)", self.name, window)
+            elif not taking and self._consumer_tag is not None:
+                tag, self._consumer_tag = self._consumer_tag, None
+                await queue.cancel(tag)
+                log.info("%s: not taking work: %s", self.name, self._not_taking or "no room")
+
+    async def publish_command(self, body: bytes) -> None:
+        """Put a command (a hand-over) back on the queue, confirmed by RabbitMQ."""
+        message = aio_pika.Message(body, content_type="application/json",
+                                   delivery_mode=DeliveryMode.PERSISTENT)
+        async with self._reply_lock:
+            channel = await self._reply_chan()
+            await channel.default_exchange.publish(message, routing_key=self.settings.common.topic)
 
     def _ack_failed(self, exc: BaseException) -> None:
         self._note_error(exc)
@@ -324,6 +372,7 @@ class AmqpConsumer(Consumer):
         await self.handle(Inbound(
             body=message.body, ack=ack, redeliver=redeliver,
             reply_to=message.reply_to or None, correlation=message.correlation_id,
+            pass_on=redeliver,
         ))
 
     async def _reply_chan(self) -> AbstractChannel:

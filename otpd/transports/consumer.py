@@ -23,6 +23,17 @@ message into one command:
   acknowledged: after ``retry_delay`` the message is handed back to the
   broker for redelivery, where the broker can do that.
 
+Several nodes on one queue (otpd.delivery.admission): with an ``intake``
+(set by the daemon), a consumer takes a message only while the node has room
+for the channel the queue mostly carries (``Intake.gate``: free sending
+capacity within a horizon, minus its local backlog), through its broker's own
+flow control (``_apply_flow``: AMQP consume/cancel with a prefetch sized to
+the room, Redis ``XREADGROUP COUNT``); a parsed send command of a channel this
+node cannot send soon (no sender, failing, or its backlog would make it late)
+is handed back unacknowledged where the broker can give it to another node
+(``Inbound.shared``), after ``retry_delay`` so two nodes do not bounce it in a
+hot loop. The acknowledgement stays where it was: after the durable store.
+
 Replies go to ``callback_topic`` (and the broker's own reply address, e.g.
 AMQP ``reply_to``) after ``callback_delay`` ms, from tasks of their own (at
 most ``MAX_PENDING_REPLIES``): a command's prefetch slot is free as soon as it
@@ -43,7 +54,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from otpd.aio import backoff_delay, cancel_and_wait, within
 from otpd.replays import CLAIM_TTL, Claim, ReplayGuard
@@ -62,6 +73,7 @@ from otpd.wire.signing import (
     TIMESTAMP_FIELD,
     SignatureError,
     replay_key,
+    sign,
     sign_reply,
     verify,
 )
@@ -84,6 +96,47 @@ async def _nothing() -> None:
     return None
 
 
+class GateView(Protocol):
+    @property
+    def taking(self) -> bool: ...
+    @property
+    def target(self) -> int: ...
+    @property
+    def room(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+
+
+class Intake(Protocol):
+    """The node's budget for work from shared queues (otpd.delivery.intake)."""
+
+    def gate(self) -> GateView:
+        """Room for the channel the queues mostly carry."""
+        ...
+
+    def refusal(self, channel: str, expires_at: float | None) -> str | None:
+        """Why a parsed message of ``channel`` is better left to other nodes."""
+        ...
+
+    def hold(self) -> None: ...
+
+    def release(self) -> None: ...
+
+    def watch(self, callback: Callable[[], None]) -> None: ...
+
+
+def channel_of(name: str, command: object) -> str | None:
+    """The channel a send command goes out on (None: it stores no message)."""
+    if name == "send-sms":
+        return "sms"
+    if name in ("send-email", "send-mail"):
+        return "email"
+    if name in ("send-message", "request-otp"):
+        receiver = getattr(command, "receiver", "")
+        return "email" if isinstance(receiver, str) and "@" in receiver else "sms"
+    return None
+
+
 @dataclass
 class Inbound:
     """One message as a broker delivered it."""
@@ -96,6 +149,10 @@ class Inbound:
     # The broker's own reply address (AMQP reply_to, MQTT 5 response topic).
     reply_to: str | None = None
     correlation: bytes | str | None = None
+    # Give it, unacknowledged, to another node of the queue now (AMQP: requeue;
+    # Redis stream: re-added and acknowledged in one transaction). None where the
+    # broker cannot (MQTT redelivers to this same session only).
+    pass_on: Callable[[], Awaitable[bool]] | None = None
 
 
 def loose_callback(body: bytes) -> tuple[str | None, int]:
@@ -119,6 +176,10 @@ def loose_callback(body: bytes) -> tuple[str | None, int]:
 
 class Consumer(ABC):
     """A broker consumer: ``start()`` returns at once and connects in the background."""
+
+    # Reads from a queue shared with other nodes (pub/sub and WS hand every
+    # node every message: nothing to share, nothing to hold back).
+    shares_work = True
 
     def __init__(self, name: str, common: Common, service: Service, default_wait: float,
                  secrets: Iterable[str] = ()) -> None:
@@ -146,6 +207,22 @@ class Consumer(ABC):
         self._received = 0
         self._errors = 0
         self._last_error: str | None = None
+        self.intake: Intake | None = None
+        self._room = asyncio.Event()  # the intake's room may have changed
+        self._taking = True
+        self._not_taking = ""
+        self._handed_back = 0
+        self._holding: set[int] = set()  # ids of messages counted in the intake
+
+    def attach(self, intake: Intake) -> None:
+        """Take work in proportion to the node's capacity (several nodes, one queue)."""
+        if self.shares_work:
+            self.intake = intake
+            intake.watch(self._room.set)
+
+    @property
+    def _gated(self) -> Intake | None:
+        return self.intake if self.shares_work else None
 
     # -- broker-specific -------------------------------------------------------
     @abstractmethod
@@ -162,6 +239,82 @@ class Consumer(ABC):
     async def _stop_intake(self) -> None:
         """Stop receiving new messages (in-flight ones still finish)."""
         return None  # pull-based sessions check ``stopping`` themselves
+
+    async def _apply_flow(self, taking: bool, window: int) -> None:
+        """Push brokers: start (with a window of ``window`` messages) or stop
+        the broker's deliveries. Pull brokers ask ``room()`` before reading."""
+        return None
+
+    # -- taking work in proportion to capacity ------------------------------------
+    def room(self, *, full_only: bool = False) -> int:
+        """How many messages this consumer may read now (prefetch without an intake).
+        ``full_only``: room is short only while the backlog is full; a node that
+        cannot send at all lets a delivered message through, to be passed on."""
+        intake = self._gated
+        if intake is None:
+            return self.common.prefetch
+        g = intake.gate()
+        self._taking, self._not_taking = g.taking, g.reason
+        if full_only and g.target <= 0:
+            return 1
+        return min(self.common.prefetch, g.room)
+
+    async def wait_room(self, timeout: float | None = None, *, full_only: bool = False) -> int:
+        """Wait until the node has room (at most ``timeout`` s); the room then."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while (n := self.room(full_only=full_only)) <= 0 and not self.stopping:
+                    self._room.clear()
+                    async with asyncio.timeout(1.0):  # also re-read on a timer
+                        with contextlib.suppress(TimeoutError):
+                            await self._room.wait()
+                return n
+        return 0
+
+    async def _follow(self) -> None:
+        """Push brokers: keep the broker's flow in step with the node's room
+        (stop at no room, start again once a quarter of the target is free)."""
+        intake = self._gated
+        if intake is None:
+            return
+        applied: tuple[bool, int] | None = None
+        while True:
+            g = intake.gate()
+            taking = g.room > 0
+            if applied is not None and not applied[0] and taking:
+                taking = g.room >= max(1, g.target // 4)
+            window = max(1, min(self.common.prefetch, g.room))
+            self._taking, self._not_taking = g.taking, g.reason
+            if applied is None or applied[0] != taking:
+                await self._apply_flow(taking, window)
+                applied = (taking, window)
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._room.wait()
+
+    async def publish_command(self, body: bytes) -> None:
+        """Put a command on this consumer's own queue (a hand-over to the other
+        nodes). Raises where the broker cannot take one back."""
+        raise NotImplementedError(f"{self.name} cannot hand messages back")
+
+    async def republish(self, envelope: dict[str, Any]) -> bool:
+        """Hand a stored message back to the shared queue (signed when commands
+        must be); False if it could not be published."""
+        if not self.connected:
+            return False
+        if self.common.signing_key:
+            envelope = sign(envelope, self.common.signing_key)
+        body = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            await self.publish_command(body)
+        except NotImplementedError:
+            return False
+        except Exception as exc:
+            self._note_error(exc)
+            log.warning("%s: hand-over not published: %s", self.name, self._describe(exc))
+            return False
+        return True
 
     # -- life cycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -191,6 +344,9 @@ class Consumer(ABC):
         log.info("%s: stopped", self.name)
 
     def status(self) -> dict[str, Any]:
+        gated = self._gated is not None
+        if gated:
+            self.room()  # fresh
         return {
             "name": self.name,
             "connected": self._connected,
@@ -198,6 +354,11 @@ class Consumer(ABC):
             "received": self._received,
             "errors": self._errors,
             "last_error": self._last_error,
+            # Several nodes on one queue: does this consumer take work now, and why not.
+            "taking": self._connected and (self._taking or not gated),
+            "not_taking": ("not connected" if not self._connected
+                           else "" if self._taking or not gated else self._not_taking),
+            "handed_back": self._handed_back,
         }
 
     @property
@@ -262,6 +423,11 @@ class Consumer(ABC):
     async def admit(self, msg: Inbound) -> asyncio.Task[None]:
         """Take a message once a slot is free (pull-based brokers: backpressure)."""
         await self._slots.acquire()
+        try:
+            await self.wait_room(full_only=True)  # the caller read only what room allowed
+        except BaseException:
+            self._slots.release()
+            raise
         return self._spawn(msg, holding=True)
 
     def admit_nowait(self, msg: Inbound) -> asyncio.Task[None]:
@@ -291,6 +457,12 @@ class Consumer(ABC):
         if not holding:
             await self._slots.acquire()
         try:
+            intake = self._gated
+            if intake is not None:
+                if not holding:  # delivered already: wait only while the backlog is full
+                    await self.wait_room(full_only=True)
+                intake.hold()  # counted until stored: every consumer shares the room
+                self._holding.add(id(msg))
             await self.process(msg)
         except asyncio.CancelledError:
             raise
@@ -299,6 +471,14 @@ class Consumer(ABC):
             self._note_error(exc)
         finally:
             self._slots.release()
+            self._release_hold(msg)
+
+    def _release_hold(self, msg: Inbound) -> None:
+        """Stored (now in the outbox's count) or done: no longer counted here."""
+        if id(msg) in self._holding:
+            self._holding.discard(id(msg))
+            if self._gated is not None:
+                self._gated.release()
 
     async def process(self, msg: Inbound) -> None:
         self._received += 1
@@ -366,6 +546,10 @@ class Consumer(ABC):
                 if claim is Claim.SEEN or not await self._hand_back(msg):
                     await ack_once()
                 return
+        if await self._leave_to_others(msg, env.name, env.command):
+            if guard_key is not None:
+                await self._release(guard_key)
+            return
         stamp = env.raw.get(TIMESTAMP_FIELD)
         settled = guard_key is None
 
@@ -380,6 +564,7 @@ class Consumer(ABC):
                     self._note_error(exc)
                     log.warning("%s: %s ran but its signature could not be remembered: %s",
                                 self.name, env.name, self._describe(exc))
+            self._release_hold(msg)
             await ack_once()
 
         wants_reply = bool(topic or msg.reply_to)
@@ -404,6 +589,25 @@ class Consumer(ABC):
         await on_stored()
         if wants_reply:
             self._schedule_reply(topic, env.callback_delay_ms, msg, response, request_signature)
+
+    async def _leave_to_others(self, msg: Inbound, name: str, command: object) -> bool:
+        """Hand a send command back, unacknowledged, when this node cannot send it
+        soon and the broker can give it to another node."""
+        intake = self._gated
+        channel = channel_of(name, command)
+        if intake is None or channel is None or msg.pass_on is None:
+            return False
+        expiration = getattr(command, "expiration", None)
+        why = intake.refusal(channel, None if expiration is None else float(expiration))
+        if why is None:
+            return False
+        # Not at once: with every node in the same state it would bounce between them.
+        await asyncio.sleep(self.common.retry_delay)
+        if not await msg.pass_on():
+            return False
+        self._handed_back += 1
+        log.info("%s: %s left to the other nodes: %s", self.name, name, why)
+        return True
 
     # -- refusals, replays ---------------------------------------------------------
     def _refused(self, why: str) -> None:

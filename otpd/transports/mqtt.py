@@ -25,6 +25,15 @@
   down, wait until it comes back. A node retired for good must have its
   session cleared (connect once with its ``client_id`` and a clean session),
   which drops whatever was still queued for it.
+* Several nodes (``shared_group``) and capacity: the broker assigns each
+  message to a member when it is published (Mosquitto: round robin, offline
+  members included), whatever the member can send, and a message not
+  acknowledged goes back to the same session only. So a node cannot leave
+  work to the others through MQTT flow control: with the node's intake
+  attached, a delivered command waits (unacknowledged: within the receive
+  window) only while the node's backlog is full; what it stores and cannot
+  send in time is re-published to the topic (``publish_command``) for the
+  group, which may assign it to any member, this one included.
 * ``username``/``password``; TLS with ``tls = true`` (or ``tls_ca``).
 * A **retained** command is never executed: the broker hands it to every new
   subscription again, so it would run at every connect (a retained
@@ -328,6 +337,19 @@ class MqttConsumer(Consumer):
                         " again at every connect. Publish commands without retain, and clear"
                         " this one (publish an empty retained message to the topic).",
                         self.name, topic)
+
+    @property
+    def shares_work(self) -> bool:  # type: ignore[override]
+        return bool(self.settings.shared_group)
+
+    async def publish_command(self, body: bytes) -> None:
+        """A hand-over, to the plain topic: the broker gives it to one group member."""
+        client = self._client
+        if client is None:
+            raise ConnectionError("not connected to the MQTT broker")
+        info = client.publish(self.settings.common.topic, body, qos=1)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"publish failed: {mqtt.error_string(info.rc)}")
 
     def _drop_connection(self, why: str) -> None:
         if self._lost is not None:

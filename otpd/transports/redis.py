@@ -196,9 +196,14 @@ class RedisConsumer(Consumer):
                 await self._claim(client)
                 next_claim = time.monotonic() + interval
             block = min(BLOCK_MAX, max(next_claim - time.monotonic(), 0.01))
+            # As many entries as the node has room for (none while it cannot send:
+            # the group gives them to the other consumers).
+            room = await self.wait_room(timeout=block)
+            if room <= 0:
+                continue
             reply: Any = await client.xreadgroup(
                 s.group, s.consumer, {s.common.topic: ">"},
-                count=s.common.prefetch, block=int(block * 1000),
+                count=room, block=int(block * 1000),
             )
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
@@ -267,9 +272,12 @@ class RedisConsumer(Consumer):
         s = self.settings
         start: bytes | str = "0-0"
         while not self.stopping:
+            room = self.room()
+            if room <= 0:
+                return  # no room: left to a consumer that has some
             reply: Any = await client.xautoclaim(s.common.topic, s.group, s.consumer,
                                             int(s.claim_idle * 1000), start_id=start,
-                                            count=s.common.prefetch)
+                                            count=room)
             cursor, entries = reply[0], reply[1]
             for entry_id, fields in entries:
                 await self._admit_entry(client, entry_id, fields)
@@ -300,13 +308,39 @@ class RedisConsumer(Consumer):
         async def redeliver() -> bool:
             return True  # left pending: XAUTOCLAIM takes it again after claim_idle
 
+        async def pass_on() -> bool:
+            # Now, not after claim_idle: the same entry again at the stream's end,
+            # this one acknowledged, in one transaction (never both, never neither).
+            try:
+                async with client.pipeline(transaction=True) as pipe:
+                    pipe.xadd(topic, {STREAM_FIELD: body})
+                    pipe.xack(topic, group, entry_id)
+                    await pipe.execute()
+            except Exception as exc:
+                log.debug("%s: entry not passed on: %s", self.name, self._describe(exc))
+                return False  # handled here then
+            return True
+
         self._pending_ids.add(entry_id)
         try:
-            task = await self.admit(Inbound(body, ack=ack, redeliver=redeliver))
+            task = await self.admit(Inbound(body, ack=ack, redeliver=redeliver, pass_on=pass_on))
         except BaseException:
             self._pending_ids.discard(entry_id)
             raise
         task.add_done_callback(lambda _t: self._pending_ids.discard(entry_id))
+
+    @property
+    def shares_work(self) -> bool:  # type: ignore[override]
+        return self.settings.mode == "stream"  # pub/sub hands every node every message
+
+    async def publish_command(self, body: bytes) -> None:
+        """Stream mode: a hand-over goes back to the stream, for the group."""
+        client = self._client
+        if self.settings.mode != "stream":
+            raise NotImplementedError("pub/sub cannot hand messages back")
+        if client is None:
+            raise ConnectionError("not connected to Redis")
+        await client.xadd(self.settings.common.topic, {STREAM_FIELD: body})
 
     # -- replies -------------------------------------------------------------------
     async def publish_reply(self, topic: str, body: bytes, correlation: bytes | str | None,
