@@ -75,10 +75,40 @@ class StateCollector(Collector):
                                       labels=["consumer"])
         received = GaugeMetricFamily("otpd_consumer_received", "Commands received since start",
                                      labels=["consumer"])
+        taking = GaugeMetricFamily("otpd_consumer_taking",
+                                   "1 if the consumer takes work now (see otpd status: why not)",
+                                   labels=["consumer"])
         for c in st.get("brokers", []):
             connected.add_metric([c["name"]], 1.0 if c.get("connected") else 0.0)
             received.add_metric([c["name"]], float(c.get("received", 0)))
-        yield from (connected, received)
+            taking.add_metric([c["name"]], 1.0 if c.get("taking") else 0.0)
+        yield from (connected, received, taking)
+        yield from _intake_metrics((st.get("intake") or {}).get("channels", {}))
+
+
+def _intake_metrics(channels: dict[str, Any]) -> Iterator[Metric]:
+    """Several nodes on one queue: this node's free capacity and local backlog."""
+    families = {
+        "free": GaugeMetricFamily("otpd_intake_free_senders",
+                                  "Senders ready and idle now", labels=["channel"]),
+        "ready": GaugeMetricFamily("otpd_intake_ready_senders",
+                                   "Senders that can send (modems up, under cap)",
+                                   labels=["channel"]),
+        "backlog": GaugeMetricFamily("otpd_intake_backlog",
+                                     "Messages this node holds to send", labels=["channel"]),
+        "target": GaugeMetricFamily("otpd_intake_target",
+                                    "Messages this node may hold (its sending horizon)",
+                                    labels=["channel"]),
+        "room": GaugeMetricFamily("otpd_intake_room",
+                                  "Messages this node may take now", labels=["channel"]),
+        "handed_over": GaugeMetricFamily("otpd_intake_handed_over",
+                                         "Held messages handed back to the shared queue",
+                                         labels=["channel"]),
+    }
+    for name, c in channels.items():
+        for key, family in families.items():
+            family.add_metric([name], float(c.get(key, 0)))
+    yield from families.values()
 
 
 class Metrics:

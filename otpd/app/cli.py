@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from otpd import __version__
+from otpd.app.control import intake_lines
 from otpd.app.logsetup import setup_logging
 from otpd.app.settings import DEFAULT_CONFIG, Settings, load_settings
 from otpd.settings_reader import ConfigError
@@ -160,6 +161,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"consumer {c['name']}: {'connected' if c['connected'] else 'disconnected'},"
               f" {c.get('received', 0)} received"
               + (f", last error: {c['last_error']}" if c.get("last_error") else ""))
+    if st.get("intake"):
+        for line in intake_lines(st):
+            print(line)
     return 0
 
 

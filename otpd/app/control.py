@@ -164,6 +164,27 @@ def _private_socket(path: Path) -> socket.socket:
     return sock
 
 
+def intake_lines(status: dict[str, Any]) -> list[str]:
+    """``otpd status``: each channel's free capacity and backlog, and each
+    consumer's intake (several nodes on one queue)."""
+    intake = status.get("intake") or {}
+    lines = []
+    for name, c in intake.get("channels", {}).items():
+        why = "" if c.get("taking") else f": {c.get('reason') or 'no room'}"
+        lines.append(f"intake {name}: {c.get('ready', 0)}/{c.get('senders', 0)} senders ready"
+                     f" ({c.get('free', 0)} free), {c.get('send_time', 0):.2f} s per message,"
+                     f" backlog {c.get('backlog', 0)} of {c.get('target', 0)},"
+                     f" {'taking' if c.get('taking') else 'not taking'}{why};"
+                     f" {c.get('handed_over', 0)} handed back")
+    for b in status.get("brokers", []):
+        if "taking" in b:
+            lines.append(f"consumer {b['name']}: "
+                         + ("taking work" if b["taking"]
+                            else f"not taking work ({b.get('not_taking') or '?'})")
+                         + f", {b.get('handed_back', 0)} passed on")
+    return lines
+
+
 async def _answers(path: Path) -> bool:
     try:
         _, writer = await within(1.0, asyncio.open_unix_connection(path))
