@@ -53,3 +53,22 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def address_group(address: str) -> str:
+    """The key an address is limited under: IPv4 as is, IPv6 as its /64 network,
+    IPv4-mapped IPv6 as the IPv4 address; anything else (a Unix socket, "-") as
+    given. A client rotating within its /64 stays one group."""
+    text = address.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    text = text.split("%", 1)[0]  # a zone index (fe80::1%eth0) names no other host
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

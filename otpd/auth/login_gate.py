@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
+
+from otpd.netutil import address_group
 
 log = logging.getLogger("otpd.auth.login")
 
@@ -61,25 +62,6 @@ LOG_PERIOD: Final = 60.0
 _SWEEP_EVERY: Final = 1024  # reserves between sweeps of idle groups
 _MAX_USER_SHOWN: Final = 64
 _KEEP_UNLIMITED: Final = 16  # failures kept per group without a limit (for the delay)
-
-
-def address_group(address: str) -> str:
-    """The key an address is limited under: IPv4 as is, IPv6 as its /64 network,
-    IPv4-mapped IPv6 as the IPv4 address; anything else (a Unix socket, "-") as
-    given. A client rotating within its /64 stays one group."""
-    text = address.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    text = text.split("%", 1)[0]  # a zone index (fe80::1%eth0) names no other host
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 @dataclass

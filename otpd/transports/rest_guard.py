@@ -12,7 +12,6 @@ rules are tested without a socket or a clock.
 from __future__ import annotations
 
 import enum
-import ipaddress
 from dataclasses import dataclass
 
 # Descriptors kept for everything but REST connections: modems, SQLite (database,
@@ -21,20 +20,6 @@ HEADROOM_MIN = 64
 # More connections than this cost a Pi memory for nothing (about 10 kB each).
 TOTAL_DEFAULT_MAX = 1024
 PER_ADDRESS_DEFAULT_MAX = 64
-
-
-def address_group(host: str) -> str:
-    """What the per-address cap counts: an IPv4 address, or the /64 an IPv6 address
-    is in (a single host commonly holds a whole /64)."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
+from otpd.netutil import address_group
 from otpd.transports.rest_guard import (
     Backoff,
     ConnectionCaps,
@@ -35,7 +36,6 @@ from otpd.transports.rest_guard import (
     Slot,
     Throttled,
     Timeouts,
-    address_group,
 )
 
 log = logging.getLogger("otpd.rest")

@@ -43,7 +43,6 @@ service codes (call forwarding...) are refused whatever the list says.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from otpd.grants import (
     parse_ussd_allow,
     rest_grant_key,
 )
+from otpd.netutil import is_loopback
 from otpd.settings_reader import Section
 from otpd.wire.brokers import DEFAULT_TOPIC
 
@@ -142,7 +142,7 @@ def parse_server_settings(s: Section) -> ServerSettings:
         s.error("tls_cert" if not cert else "tls_key", "tls_cert and tls_key must be set together")
     allow_plain = s.bool("allow_plain_http", False)
     ussd = _ussd_allow(s)
-    if not cert and not allow_plain and not _is_loopback(host):
+    if not cert and not allow_plain and not is_loopback(host):
         s.error("listen", f"{host} is not a loopback address: Basic auth passwords would cross"
                 " the network in clear; set tls_cert and tls_key, or allow_plain_http = true"
                 " (only behind a TLS-terminating proxy)")
@@ -169,15 +169,6 @@ def parse_server_settings(s: Section) -> ServerSettings:
     )
     s.finish()
     return out
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
