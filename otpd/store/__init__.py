@@ -2,6 +2,7 @@
 
 from otpd.store.base import Store
 from otpd.store.records import (
+    DELIVERY_STATES,
     MESSAGE_STATES,
     Claim,
     Duplicate,
@@ -12,12 +13,18 @@ from otpd.store.records import (
     NewOtp,
     OtpRecord,
     RateLimit,
+    SmsOutcome,
+    SmsPart,
+    SmsReport,
+    SmsReportMatch,
+    SmsUnreported,
     StoreError,
     VerifyResult,
 )
 from otpd.store.sqlite import SqliteStore
 
 __all__ = [
+    "DELIVERY_STATES",
     "MESSAGE_STATES",
     "Claim",
     "Duplicate",
@@ -28,6 +35,11 @@ __all__ = [
     "NewOtp",
     "OtpRecord",
     "RateLimit",
+    "SmsOutcome",
+    "SmsPart",
+    "SmsReport",
+    "SmsReportMatch",
+    "SmsUnreported",
     "SqliteStore",
     "Store",
     "StoreError",

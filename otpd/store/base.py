@@ -22,6 +22,11 @@ from otpd.store.records import (
     NewOtp,
     OtpRecord,
     RateLimit,
+    SmsOutcome,
+    SmsPart,
+    SmsReport,
+    SmsReportMatch,
+    SmsUnreported,
     VerifyResult,
 )
 
@@ -68,6 +73,26 @@ class Store(Protocol):
     async def duplicate_of(self, dedupe_key: str | None, reference: str | None
                            ) -> Duplicate | None:
         """Would a message with this id (or an OTP with this reference) be a duplicate?"""
+        ...
+
+    # SMS delivery reports (local, like the outbox: sent parts and delivery states)
+    async def record_sms_parts(self, parts: Sequence[SmsPart]) -> None:
+        """The parts of one message, sent asking for status reports; its
+        ``delivery`` becomes ``sent`` (a resend replaces the earlier parts)."""
+        ...
+
+    async def apply_sms_report(self, report: SmsReport) -> SmsReportMatch | None:
+        """Apply a status report to the newest unfinished part with its SIM,
+        TP-MR and recipient, and the message's delivery state; None: no match."""
+        ...
+
+    async def expire_sms_reports(self, sent_before: float, now: float) -> list[SmsUnreported]:
+        """Messages still ``sent`` whose last part went before ``sent_before``
+        become ``unknown``; returns them."""
+        ...
+
+    async def sms_outcomes(self, since: float) -> list[SmsOutcome]:
+        """Final delivery states reached since ``since``, oldest first."""
         ...
 
     # shared state

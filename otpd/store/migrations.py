@@ -84,6 +84,35 @@ MIGRATIONS: list[str] = [
         WHERE receiver LIKE '%@%' AND receiver <> lower(receiver);
     DELETE FROM blocklist WHERE receiver LIKE '%@%' AND receiver <> lower(receiver);
     """,
+    # 6: SMS delivery reports. The outbox's ``state`` still says what the wire
+    # answered (sent = handed to the network); ``delivery`` says what the network
+    # reported since. Each part sent with a report request is kept, so a report
+    # that arrives after a restart still finds its message.
+    """
+    ALTER TABLE outbox ADD COLUMN delivery TEXT
+        CHECK (delivery IN ('sent', 'delivered', 'undeliverable', 'unknown'));
+    ALTER TABLE outbox ADD COLUMN delivery_at REAL;
+    ALTER TABLE outbox ADD COLUMN delivered_at REAL;
+    ALTER TABLE outbox ADD COLUMN reported_at REAL;
+    CREATE INDEX outbox_delivery_sent ON outbox (delivery) WHERE delivery = 'sent';
+    CREATE INDEX outbox_delivery_at ON outbox (delivery_at);
+    CREATE TABLE sms_parts (
+        message_id  INTEGER NOT NULL,
+        part        INTEGER NOT NULL CHECK (part >= 1),
+        parts       INTEGER NOT NULL CHECK (parts >= part),
+        modem       TEXT NOT NULL,
+        sim         TEXT NOT NULL,
+        mr          INTEGER NOT NULL CHECK (mr BETWEEN 0 AND 255),
+        receiver    TEXT NOT NULL,
+        sent_at     REAL NOT NULL,
+        status      TEXT NOT NULL DEFAULT 'sent'
+                    CHECK (status IN ('sent', 'trying', 'delivered', 'failed')),
+        tp_status   INTEGER,
+        reported_at REAL,
+        PRIMARY KEY (message_id, part)
+    );
+    CREATE INDEX sms_parts_match ON sms_parts (sim, mr, sent_at);
+    """,
 ]
 
 

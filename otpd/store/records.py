@@ -12,6 +12,13 @@ from otpd.otp_attempts import VerifyResult as VerifyResult
 
 # An outbox row's states (the schema's CHECK spells the same four).
 MESSAGE_STATES = ("pending", "sent", "failed", "expired")
+# A sent SMS's delivery as the network reported it (the ``delivery`` column;
+# NULL: sent without a report request, or not an SMS).
+DELIVERY_STATES = ("sent", "delivered", "undeliverable", "unknown")
+FINAL_DELIVERY = ("delivered", "undeliverable", "unknown")
+# What a status report made of one part (``sms_parts.status``), by report outcome.
+PART_STATUS = {"delivered": "delivered", "trying": "trying", "failed": "failed",
+               "gave_up": "failed"}
 
 
 class StoreError(Exception):
@@ -71,6 +78,79 @@ class MessageRow:
     next_attempt_at: float
     finished_at: float | None
     attempt_started: float | None  # set while a channel has it: a crash then = maybe sent
+    delivery: str | None = None  # sent | delivered | undeliverable | unknown (SMS reports)
+    delivery_at: float | None = None  # when ``delivery`` was last set
+    delivered_at: float | None = None  # discharge time (the SC's) of the last part delivered
+    reported_at: float | None = None  # when the last status report arrived
+
+
+@dataclass(frozen=True)
+class SmsPart:
+    """One part of an SMS sent with a status report request."""
+
+    message_id: int
+    part: int  # 1-based
+    parts: int
+    modem: str
+    sim: str
+    mr: int  # TP-MR (0..255) from +CMGS
+    receiver: str
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class SmsReport:
+    """A status report, to match against the parts sent with ``sim``."""
+
+    sim: str
+    mr: int
+    recipient: str
+    outcome: str  # delivered | trying | failed | gave_up (TP-ST's class)
+    status: int  # TP-ST
+    at: float  # arrival
+    discharged: float | None = None  # TP-DT, the SC's clock
+
+
+@dataclass(frozen=True)
+class SmsReportMatch:
+    message_id: int
+    modem: str  # the part's
+    sim: str
+    delivery: str  # the message's, after this report
+    became_final: bool
+    first_sent_at: float
+
+
+@dataclass(frozen=True)
+class SmsUnreported:
+    message_id: int
+    modem: str
+    sim: str
+    sent_at: float  # the last part's
+
+
+@dataclass(frozen=True)
+class SmsOutcome:
+    modem: str
+    sim: str
+    delivery: str
+    at: float
+
+
+# Digits compared from the end: an SC may write the recipient nationally
+# ("0812...") or without the "+" while otpd sent "+62812...".
+_MATCH_DIGITS = 8
+
+
+def receivers_match(sent: str, reported: str) -> bool:
+    """Is ``reported`` (a report's TP-RA) the number a part was sent to?"""
+    a = "".join(c for c in sent if c.isdigit())
+    b = "".join(c for c in reported if c.isdigit())
+    if not a or not b:
+        return False
+    if min(len(a), len(b)) < _MATCH_DIGITS:
+        return a == b  # short numbers: the whole number
+    return a[-_MATCH_DIGITS:] == b[-_MATCH_DIGITS:]
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,11 @@ from otpd.store.records import (
     NewOtp,
     OtpRecord,
     RateLimit,
+    SmsOutcome,
+    SmsPart,
+    SmsReport,
+    SmsReportMatch,
+    SmsUnreported,
     StoreError,
     check_holder,
     check_time,
@@ -286,6 +291,19 @@ class RedisSharedStore:
                 self._key("id", finished.dedupe_key),
                 json.dumps({"state": state, "code": code}), xx=True, keepttl=True))
         return finished
+
+    # -- SMS delivery reports: with the outbox, in this node's SQLite -------------
+    async def record_sms_parts(self, parts: Sequence[SmsPart]) -> None:
+        await self.outbox.record_sms_parts(parts)
+
+    async def apply_sms_report(self, report: SmsReport) -> SmsReportMatch | None:
+        return await self.outbox.apply_sms_report(report)
+
+    async def expire_sms_reports(self, sent_before: float, now: float) -> list[SmsUnreported]:
+        return await self.outbox.expire_sms_reports(sent_before, now)
+
+    async def sms_outcomes(self, since: float) -> list[SmsOutcome]:
+        return await self.outbox.sms_outcomes(since)
 
     # -- OTPs ---------------------------------------------------------------------
     async def verify_otp(

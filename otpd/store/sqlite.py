@@ -19,7 +19,9 @@ from typing import TypeVar
 from otpd.otp_attempts import OtpState, VerifyResult, verify_step
 from otpd.store.migrations import migrate
 from otpd.store.records import (
+    FINAL_DELIVERY,
     MESSAGE_STATES,
+    PART_STATUS,
     Claim,
     Duplicate,
     Finished,
@@ -29,34 +31,48 @@ from otpd.store.records import (
     NewOtp,
     OtpRecord,
     RateLimit,
+    SmsOutcome,
+    SmsPart,
+    SmsReport,
+    SmsReportMatch,
+    SmsUnreported,
     StoreError,
     check_holder,
     check_time,
     command_key,
+    receivers_match,
 )
 from otpd.store.writer import GroupCommitWriter
 
 T = TypeVar("T")
 
+# A report matches parts sent at most this long before it (longer than any
+# validity period otpd asks for), newest first.
+_REPORT_HORIZON = 8 * 86400.0
+
 # Column order matches MessageRow.
 _SELECT_BY_DEDUPE = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
-    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started"
+    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started,"
+    " delivery, delivery_at, delivered_at, reported_at"
     " FROM outbox WHERE dedupe_key = ?"
 )
 _SELECT_BY_ID = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
-    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started"
+    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started,"
+    " delivery, delivery_at, delivered_at, reported_at"
     " FROM outbox WHERE id = ?"
 )
 _SELECT_RECENT = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
-    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started"
+    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started,"
+    " delivery, delivery_at, delivered_at, reported_at"
     " FROM outbox WHERE state IN (?, ?, ?, ?) ORDER BY id DESC LIMIT ?"
 )
 _SELECT_PENDING = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
-    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started"
+    " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started,"
+    " delivery, delivery_at, delivered_at, reported_at"
     " FROM outbox WHERE state = 'pending' ORDER BY id"
 )
 
@@ -276,6 +292,109 @@ class SqliteStore:
 
         return await self._tx(run)
 
+    # -- SMS delivery reports --------------------------------------------------
+    async def record_sms_parts(self, parts: Sequence[SmsPart]) -> None:
+        """The parts of one message went out asking for reports: its delivery is
+        ``sent``. A second send of the message replaces the first's parts."""
+        if not parts:
+            return
+        message_id, sent_at = parts[0].message_id, max(p.sent_at for p in parts)
+        if any(p.message_id != message_id for p in parts):
+            raise ValueError("parts of one message only")
+
+        def run(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM sms_parts WHERE message_id = ?", (message_id,))
+            c.executemany(
+                "INSERT INTO sms_parts (message_id, part, parts, modem, sim, mr, receiver,"
+                " sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(p.message_id, p.part, p.parts, p.modem, p.sim, p.mr, p.receiver, p.sent_at)
+                 for p in parts])
+            c.execute(
+                "UPDATE outbox SET delivery = 'sent', delivery_at = ?, delivered_at = NULL,"
+                " reported_at = NULL WHERE id = ?", (sent_at, message_id))
+
+        await self._tx(run)
+
+    async def apply_sms_report(self, report: SmsReport) -> SmsReportMatch | None:
+        """Match a report to the newest unfinished part sent with its SIM and
+        TP-MR to its recipient, update the part and the message's delivery:
+        undeliverable when a part failed for good, delivered when every part
+        was delivered (a later report may still turn ``unknown`` into either)."""
+        part_status = PART_STATUS.get(report.outcome)
+        if part_status is None:
+            raise ValueError(f"report outcome: one of {', '.join(PART_STATUS)}")
+
+        def run(c: sqlite3.Connection) -> SmsReportMatch | None:
+            rows = c.execute(
+                "SELECT message_id, part, modem, receiver FROM sms_parts"
+                " WHERE sim = ? AND mr = ? AND status IN ('sent', 'trying') AND sent_at > ?"
+                " ORDER BY sent_at DESC, message_id DESC LIMIT 50",
+                (report.sim, report.mr, report.at - _REPORT_HORIZON)).fetchall()
+            found = next((r for r in rows if receivers_match(r[3], report.recipient)), None)
+            if found is None:
+                return None
+            message_id, part, modem, _ = found
+            c.execute(
+                "UPDATE sms_parts SET status = ?, tp_status = ?, reported_at = ?"
+                " WHERE message_id = ? AND part = ?",
+                (part_status, report.status, report.at, message_id, part))
+            statuses = c.execute(
+                "SELECT status, sent_at FROM sms_parts WHERE message_id = ?", (message_id,)
+            ).fetchall()
+            first_sent = min(r[1] for r in statuses)
+            row = c.execute("SELECT delivery FROM outbox WHERE id = ?", (message_id,)).fetchone()
+            current = row[0] if row else None
+            verdict: str | None = None
+            if any(r[0] == "failed" for r in statuses):
+                verdict = "undeliverable"
+            elif all(r[0] == "delivered" for r in statuses):
+                verdict = "delivered"
+            became_final = verdict is not None and current not in ("delivered", "undeliverable")
+            if became_final:
+                discharged = report.discharged if verdict == "delivered" else None
+                c.execute(
+                    "UPDATE outbox SET delivery = ?, delivery_at = ?, reported_at = ?,"
+                    " delivered_at = ? WHERE id = ?",
+                    (verdict, report.at, report.at, discharged, message_id))
+            else:
+                c.execute("UPDATE outbox SET reported_at = ? WHERE id = ?",
+                          (report.at, message_id))
+            delivery = verdict if became_final else (current or "sent")
+            assert delivery is not None
+            return SmsReportMatch(message_id, modem, report.sim, delivery, became_final,
+                                  first_sent)
+
+        return await self._tx(run)
+
+    async def expire_sms_reports(self, sent_before: float, now: float) -> list[SmsUnreported]:
+        """Messages still ``sent`` whose last part went before ``sent_before``:
+        no final report came in time, their delivery becomes ``unknown``."""
+
+        def run(c: sqlite3.Connection) -> list[SmsUnreported]:
+            rows = c.execute(
+                "SELECT o.id, min(p.modem), min(p.sim), max(p.sent_at) FROM outbox o"
+                " JOIN sms_parts p ON p.message_id = o.id WHERE o.delivery = 'sent'"
+                " GROUP BY o.id HAVING max(p.sent_at) < ?", (sent_before,)).fetchall()
+            c.executemany(
+                "UPDATE outbox SET delivery = 'unknown', delivery_at = ?"
+                " WHERE id = ? AND delivery = 'sent'", [(now, r[0]) for r in rows])
+            return [SmsUnreported(*r) for r in rows]
+
+        return await self._tx(run)
+
+    async def sms_outcomes(self, since: float) -> list[SmsOutcome]:
+        """Final delivery states reached since ``since``, oldest first."""
+
+        def run(c: sqlite3.Connection) -> list[SmsOutcome]:
+            rows = c.execute(
+                "SELECT p.modem, p.sim, o.delivery, o.delivery_at FROM outbox o"
+                " JOIN sms_parts p ON p.message_id = o.id AND p.part = 1"
+                " WHERE o.delivery IN (?, ?, ?) AND o.delivery_at >= ? ORDER BY o.delivery_at",
+                (*FINAL_DELIVERY, since)).fetchall()
+            return [SmsOutcome(*r) for r in rows]
+
+        return await self._tx(run)
+
     # -- block list ----------------------------------------------------------
     async def block(self, receiver: str, now: float) -> None:
         await self._tx(
@@ -405,6 +524,8 @@ class SqliteStore:
                 "DELETE FROM outbox WHERE state != 'pending' AND finished_at < ?",
                 (messages_before,),
             ).rowcount
+            if msgs:  # their sent parts go with them
+                c.execute("DELETE FROM sms_parts WHERE message_id NOT IN (SELECT id FROM outbox)")
             return otps, msgs
 
         return await self._tx(run)
@@ -417,6 +538,10 @@ class SqliteStore:
             }
             for state, n in c.execute("SELECT state, count(*) FROM outbox GROUP BY state"):
                 out[f"outbox_{state}"] = n
+            for delivery, n in c.execute(
+                    "SELECT delivery, count(*) FROM outbox WHERE delivery IS NOT NULL"
+                    " GROUP BY delivery"):
+                out[f"sms_{delivery}"] = n
             return out
 
         return await self._tx(run)
