@@ -7,6 +7,14 @@ worker takes the next job the moment the modem is free; the ``accept`` filter
 it gives the engine does the routing (receiver prefixes, modems that already
 failed a job go last). The worker records an outcome while it already waits
 for (and sends) the next job, so the modem never idles on the store's commit.
+
+Delivery reports: the parts of a message sent with a report request are
+recorded (``reports``, a ReportStore the daemon builds over the store) before
+the worker takes the next job; each modem's reports are applied in order by
+its own task, after the send in progress is recorded, so a quick report never
+misses its part. Outcomes feed ``DeliveryStats`` (per-SIM recent window,
+shown in ``status()``); messages without a final report after
+``report_timeout`` become "unknown".
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from enum import StrEnum
 from typing import Any
 
 from otpd.aio import cancel_and_wait, raise_if_cancel_requested
+from otpd.channels.sms.delivery_stats import Delivery, DeliveryStats
 from otpd.channels.sms.modem import (
     AtTimeout,
     Modem,
@@ -33,9 +42,10 @@ from otpd.channels.sms.modem import (
     Timing,
     decode_ussd,
 )
-from otpd.channels.sms.pdu import MessageTooLong
+from otpd.channels.sms.pdu import MessageTooLong, StatusReport
 from otpd.channels.sms.quota import QuotaError, SimQuota
 from otpd.channels.sms.replies import signal_report
+from otpd.channels.sms.reports import PartReport, ReportStore, ReportStoreError, SentPart
 from otpd.channels.sms.settings import ModemSettings, SmsSettings
 from otpd.delivery.channel import (
     Capacity,
@@ -91,6 +101,11 @@ class _Slot:
         # When (monotonic) the SIM's daily/monthly cap lets it send again: a duration
         # from the quota, so a wall-clock step does not stretch or cut the rest.
         self.quota_until = 0.0
+        # Status reports (and their wall-clock arrival), applied in order by one task;
+        # cleared while a send is on its way until its parts are recorded.
+        self.report_queue: asyncio.Queue[tuple[StatusReport, float]] = asyncio.Queue()
+        self.parts_recorded = asyncio.Event()
+        self.parts_recorded.set()
 
     @property
     def sim(self) -> str:
@@ -121,14 +136,19 @@ class ModemPool:
         clock: Callable[[], float] = time.time,
         on_incoming: Callable[[IncomingSms], None] | None = None,
         quota: SimQuota | None = None,
+        reports: ReportStore | None = None,
     ) -> None:
         self.quota = quota
+        self.reports = reports
+        self.delivery = DeliveryStats(settings.delivery_window)
         self.settings = settings
         self.country_code = country_code
         self.clock = clock
         self.on_incoming = on_incoming
         timing = Timing(not_ready=settings.not_ready_timeout, cpin_grace=settings.cpin_grace)
         self._slots = [_Slot(m, timing) for m in settings.modems]
+        for slot in self._slots:
+            slot.modem.on_report = functools.partial(self._on_report, slot)
         self._source: WorkSource | None = None
         # job id -> modems that failed it: another modem gets it first.
         self._failed_by: OrderedDict[int, set[str]] = OrderedDict()
@@ -149,6 +169,10 @@ class ModemPool:
             if slot.settings.enabled:
                 tasks.append(asyncio.create_task(self._supervise(slot), name=f"sms-{slot.name}"))
                 tasks.append(asyncio.create_task(self._work(slot), name=f"sms-work-{slot.name}"))
+                tasks.append(asyncio.create_task(self._apply_reports(slot),
+                                                 name=f"sms-reports-{slot.name}"))
+        if tasks and self.reports is not None:
+            tasks.append(asyncio.create_task(self._expire_reports(), name="sms-reports-expiry"))
         try:
             if tasks:  # they end only by a bug (raised here) or a cancellation
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -183,8 +207,28 @@ class ModemPool:
                 "sent": slot.sent,
                 "failed": slot.failed,
                 "last_error": slot.last_error,
+                "delivery_reports": slot.modem.reports or "off",
+                "sim": slot.sim,
+                "delivery": self.delivery.recent(slot.sim, self.clock()),
             })
-        return {"modems": modems}
+        return {"modems": modems, **self._delivery_status()}
+
+    def _delivery_status(self) -> dict[str, Any]:
+        """Per-SIM recent outcomes, and the running totals /metrics exports."""
+        stats = self.delivery
+        return {
+            "sims": stats.snapshot(self.clock()),
+            "delivery_window": stats.window,
+            "reports": [{"modem": m, "sim": s, "status": st, "count": n}
+                        for (m, s, st), n in sorted(stats.reports.items())],
+            "reports_unmatched": stats.unmatched,
+            "deliveries": [{"modem": m, "sim": s, "delivery": d, "count": n}
+                           for (m, s, d), n in sorted(stats.messages.items())],
+            "time_to_deliver": [
+                {"modem": m, "sim": s, "buckets": h.cumulative(), "sum": h.total,
+                 "count": h.count}
+                for (m, s), h in sorted(stats.time_to_deliver.items())],
+        }
 
     def capacity(self) -> Capacity:
         """Modems that can send (up and under their SIM cap), and why none can."""
@@ -325,14 +369,15 @@ class ModemPool:
             trouble = asyncio.ensure_future(slot.trouble.wait())
             incoming = asyncio.ensure_future(modem.incoming_waiting.wait())
             sweep = asyncio.ensure_future(modem.sweep_wanted.wait())
-            waiters = {trouble, sweep}
+            stored = asyncio.ensure_future(modem.reports_waiting.wait())
+            waiters = {trouble, sweep, stored}
             if slot.settings.read_inbox:
                 waiters.add(incoming)
             try:
                 await asyncio.wait(waiters, timeout=max(wake_at - loop.time(), 0.0),
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for waiter in (trouble, incoming, sweep):
+                for waiter in (trouble, incoming, sweep, stored):
                     waiter.cancel()
             if slot.trouble.is_set():
                 return slot.trouble_reason
@@ -346,6 +391,8 @@ class ModemPool:
                         await self._read_inbox(slot)
                 elif slot.settings.read_inbox and modem.incoming_waiting.is_set():
                     await self._read_inbox(slot)
+                if modem.reports_waiting.is_set():
+                    await modem.read_stored_reports()
                 sweep_at = modem.idle_sweep_at(self.settings.idle_sweep_delay)
                 if sweep_at is not None and loop.time() >= max(sweep_at, sweep_hold):
                     sweep_hold = next_refresh
@@ -406,6 +453,75 @@ class ModemPool:
         self._wake()  # other workers' filters change now, and again when it lifts
         asyncio.get_running_loop().call_later(wait + 0.01, self._wake)
 
+    # --- delivery reports -------------------------------------------------------------
+
+    def _on_report(self, slot: _Slot, report: StatusReport) -> None:
+        slot.report_queue.put_nowait((report, self.clock()))
+
+    async def _record_parts(self, slot: _Slot, job: Job, receiver: str, refs: list[int]
+                            ) -> None:
+        """Keep what a report will be matched with (not when the modem gave no MR)."""
+        if self.reports is None or not slot.modem.reports or not refs or min(refs) < 0:
+            return
+        now = self.clock()
+        parts = [SentPart(job.id, i, len(refs), slot.name, slot.sim, mr, receiver, now)
+                 for i, mr in enumerate(refs, start=1)]
+        try:
+            await self.reports.sent(parts)
+        except ReportStoreError as exc:
+            log.error("modem %s: cannot record the parts of message %d for delivery"
+                      " reports: %s", slot.name, job.id, exc)
+
+    async def _apply_reports(self, slot: _Slot) -> None:
+        while True:
+            report, at = await slot.report_queue.get()
+            await slot.parts_recorded.wait()
+            try:
+                await self._apply_report(slot, report, at)
+            except Exception:  # a bug must not stop the reports of this modem
+                log.exception("modem %s: applying a status report failed", slot.name)
+
+    async def _apply_report(self, slot: _Slot, report: StatusReport, at: float) -> None:
+        outcome = report.outcome
+        self.delivery.report(slot.name, slot.sim, str(outcome))
+        if self.reports is None:
+            return
+        try:
+            match = await self.reports.report(PartReport(
+                slot.name, slot.sim, report.reference, report.recipient, str(outcome),
+                report.status, at, report.discharged.timestamp()))
+        except ReportStoreError as exc:
+            log.error("modem %s: cannot record a status report: %s", slot.name, exc)
+            return
+        if match is None:
+            self.delivery.report_unmatched()
+            log.info("modem %s: status report for mr %d to %s matches no sent part",
+                     slot.name, report.reference, mask(report.recipient))
+            return
+        if match.became_final:
+            seconds = at - match.first_sent_at if match.delivery is Delivery.DELIVERED else None
+            self.delivery.outcome(match.modem, match.sim, match.delivery, at, seconds)
+            log.info("message %d %s (%s, TP-ST 0x%02X: %s)", match.message_id, match.delivery,
+                     slot.name, report.status, report.meaning)
+
+    async def _expire_reports(self) -> None:
+        """Reload the recent outcomes, then turn overdue messages "unknown" now and then."""
+        assert self.reports is not None
+        timeout = self.settings.report_timeout
+        try:
+            recent = await self.reports.recent(self.clock() - self.delivery.window)
+            self.delivery.load((o.modem, o.sim, o.delivery, o.at) for o in recent)
+        except ReportStoreError as exc:
+            log.error("cannot read recent delivery outcomes: %s", exc)
+        while True:
+            now = self.clock()
+            try:
+                for item in await self.reports.expire(now - timeout, now):
+                    self.delivery.outcome(item.modem, item.sim, Delivery.UNKNOWN, now)
+            except ReportStoreError as exc:
+                log.error("cannot mark unreported messages: %s", exc)
+            await asyncio.sleep(min(60.0, max(timeout / 4, 0.05)))
+
     # --- worker --------------------------------------------------------------------
 
     async def _work(self, slot: _Slot) -> None:
@@ -415,7 +531,11 @@ class ModemPool:
         recording: asyncio.Task[None] | None = None
         while True:
             job = await source.take(accept=accept)
-            outcome = await self._deliver(slot, job)
+            slot.parts_recorded.clear()  # reports wait until this send's parts are known
+            try:
+                outcome = await self._deliver(slot, job)
+            finally:
+                slot.parts_recorded.set()
             if isinstance(outcome, Delivered | Failed):
                 self._failed_by.pop(job.id, None)
             if recording is not None:
@@ -475,6 +595,7 @@ class ModemPool:
                 slot.state = State.READY
         slot.sent += 1
         slot.consecutive_failures = 0
+        await self._record_parts(slot, job, receiver, refs)
         await self._count_parts(slot, len(refs))
         return Delivered(via=slot.name, detail="mr=" + ",".join(map(str, refs)))
 

@@ -42,6 +42,7 @@ class PartReport:
     outcome: str  # pdu.ReportOutcome value
     status: int  # TP-ST
     at: float  # arrival (wall clock)
+    discharged: float | None = None  # TP-DT (the SC's clock)
 
 
 @dataclass(frozen=True)
