@@ -29,6 +29,7 @@ BENCHES = [
     ("Store size and verify latency as OTPs accumulate", ["store_scale.py"]),
     ("Modem pool utilisation against the physical limit", ["sms_pool.py"]),
     ("Broker ingest (otpd vs the raw client library)", ["broker_ingest.py"]),
+    ("Several nodes on one queue (work follows sending capacity)", ["shared_queue.py"]),
     ("WebSocket broker fan-out (otpd broker vs a bare websockets relay)",
      ["broker_fanout.py"]),
 ]
