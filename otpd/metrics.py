@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from otpd.settings_reader import Section
@@ -71,6 +76,7 @@ class StateCollector(Collector):
             sent.add_metric([name], float(m.get("sent", 0)))
             failed.add_metric([name], float(m.get("failed", 0)))
         yield from (up, state, signal, sent, failed)
+        yield from _delivery_metrics(st.get("channels", {}).get("sms", {}))
         connected = GaugeMetricFamily("otpd_consumer_connected", "1 if connected to its broker",
                                       labels=["consumer"])
         received = GaugeMetricFamily("otpd_consumer_received", "Commands received since start",
@@ -109,6 +115,40 @@ def _intake_metrics(channels: dict[str, Any]) -> Iterator[Metric]:
         for key, family in families.items():
             family.add_metric([name], float(c.get(key, 0)))
     yield from families.values()
+
+
+def _delivery_metrics(sms: dict[str, Any]) -> Iterator[Metric]:
+    """SMS delivery reports, from the pool's running totals and per-SIM window."""
+    reports = CounterMetricFamily("otpd_sms_reports", "SMS status reports by TP-ST class"
+                                  " (delivered, trying, failed, gave_up)",
+                                  labels=["modem", "sim", "status"])
+    for r in sms.get("reports", []):
+        reports.add_metric([r["modem"], r["sim"], r["status"]], float(r["count"]))
+    deliveries = CounterMetricFamily(
+        "otpd_sms_deliveries", "Sent SMS by final delivery state (delivered, undeliverable,"
+        " unknown = no report in time)", labels=["modem", "sim", "delivery"])
+    for d in sms.get("deliveries", []):
+        deliveries.add_metric([d["modem"], d["sim"], d["delivery"]], float(d["count"]))
+    unmatched = CounterMetricFamily("otpd_sms_reports_unmatched",
+                                    "Status reports that matched no sent part",
+                                    value=float(sms.get("reports_unmatched", 0)))
+    seconds = HistogramMetricFamily(
+        "otpd_sms_time_to_deliver_seconds", "From hand-off to the last part's delivery report",
+        labels=["modem", "sim"])
+    for h in sms.get("time_to_deliver", []):
+        seconds.add_metric([h["modem"], h["sim"]], [(le, float(n)) for le, n in h["buckets"]],
+                           float(h["sum"]))
+    ratio = GaugeMetricFamily("otpd_sim_delivered_ratio", "Delivered share of the SIM's"
+                              " messages that became final in the recent window",
+                              labels=["sim"])
+    recent = GaugeMetricFamily("otpd_sim_recent_deliveries", "Messages of the SIM that became"
+                               " final in the recent window, by state", labels=["sim", "delivery"])
+    for sim, counts in sms.get("sims", {}).items():
+        if counts.get("delivered_ratio") is not None:
+            ratio.add_metric([sim], float(counts["delivered_ratio"]))
+        for state in ("delivered", "undeliverable", "unknown"):
+            recent.add_metric([sim, state], float(counts.get(state, 0)))
+    yield from (reports, deliveries, unmatched, seconds, ratio, recent)
 
 
 class Metrics:

@@ -141,7 +141,10 @@ class ControlServer:
             {"id": r.id, "command": r.command, "channel": r.channel,
              "receiver": mask(r.receiver), "state": r.state, "code": r.code,
              "reason": r.reason, "attempts": r.attempts, "via": r.via,
-             "created_at": r.created_at, "expires_at": r.expires_at}
+             "created_at": r.created_at, "expires_at": r.expires_at,
+             # What the network reported since (SMS with delivery reports only).
+             "delivery": r.delivery, "delivery_at": r.delivery_at,
+             "delivered_at": r.delivered_at, "reported_at": r.reported_at}
             for r in rows
         ]}
 

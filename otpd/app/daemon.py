@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import ssl
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from otpd.aio import STOP_BOUND, bounded, cancel_and_wait, within
@@ -19,8 +20,17 @@ from otpd.app.ddns_settings import DdnsSettings
 from otpd.app.settings import Settings, load_settings
 from otpd.auth.htpasswd import SALTED_SCHEMES, HtpasswdError, HtpasswdFile
 from otpd.channels.email import SmtpChannel
+from otpd.channels.sms.delivery_stats import Delivery
 from otpd.channels.sms.quota import QuotaError
 from otpd.channels.sms.quota import SimQuota as PoolQuota
+from otpd.channels.sms.reports import (
+    PartReport,
+    RecentOutcome,
+    ReportMatch,
+    ReportStoreError,
+    SentPart,
+    Unreported,
+)
 from otpd.delivery.channel import Capacity, Channel, Job, WorkSource
 from otpd.delivery.engine import DeliveryEngine
 from otpd.delivery.handover import handover_envelope
@@ -32,7 +42,7 @@ from otpd.otp import KeyFileError, load_or_create_key
 from otpd.sealing import Sealer
 from otpd.service import Service
 from otpd.settings_reader import ConfigError
-from otpd.store import SqliteStore, Store, StoreError
+from otpd.store import SmsPart, SmsReport, SqliteStore, Store, StoreError
 from otpd.store.migrations import SchemaTooNew
 from otpd.store.settings import StoreSettings
 from otpd.transports.consumer import STOP_GRACE, Consumer
@@ -98,7 +108,51 @@ def build_sms_channel(settings: Settings, store: Store) -> Channel:
     from otpd.channels.sms.pool import ModemPool
 
     return ModemPool(settings.sms, country_code=settings.otp.country_code,
-                     quota=StoreSimQuota(SimQuota(settings.limits, store)))
+                     quota=StoreSimQuota(SimQuota(settings.limits, store)),
+                     reports=StoreReportStore(store))
+
+
+class StoreReportStore:
+    """The pool's ReportStore: sent parts and delivery states, kept with the
+    outbox (the node's SQLite file with either backend); a store failure is the
+    pool's ReportStoreError."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def sent(self, parts: Sequence[SentPart]) -> None:
+        try:
+            await self._store.record_sms_parts([
+                SmsPart(p.message_id, p.part, p.parts, p.modem, p.sim, p.reference,
+                        p.receiver, p.sent_at) for p in parts])
+        except StoreError as exc:
+            raise ReportStoreError(str(exc)) from exc
+
+    async def report(self, report: PartReport) -> ReportMatch | None:
+        try:
+            match = await self._store.apply_sms_report(SmsReport(
+                report.sim, report.reference, report.recipient, report.outcome,
+                report.status, report.at, report.discharged))
+        except StoreError as exc:
+            raise ReportStoreError(str(exc)) from exc
+        if match is None:
+            return None
+        return ReportMatch(match.message_id, match.modem, match.sim, Delivery(match.delivery),
+                           match.became_final, match.first_sent_at)
+
+    async def expire(self, sent_before: float, now: float) -> list[Unreported]:
+        try:
+            rows = await self._store.expire_sms_reports(sent_before, now)
+        except StoreError as exc:
+            raise ReportStoreError(str(exc)) from exc
+        return [Unreported(r.message_id, r.modem, r.sim, r.sent_at) for r in rows]
+
+    async def recent(self, since: float) -> list[RecentOutcome]:
+        try:
+            rows = await self._store.sms_outcomes(since)
+        except StoreError as exc:
+            raise ReportStoreError(str(exc)) from exc
+        return [RecentOutcome(r.modem, r.sim, Delivery(r.delivery), r.at) for r in rows]
 
 
 async def open_store(s: StoreSettings) -> Store:
