@@ -23,6 +23,7 @@ from otpd.channels.email import SmtpChannel
 from otpd.channels.sms.delivery_stats import Delivery
 from otpd.channels.sms.quota import QuotaError
 from otpd.channels.sms.quota import SimQuota as PoolQuota
+from otpd.channels.smtp_quota import QuotaError as SmtpQuotaError
 from otpd.channels.sms.reports import (
     PartReport,
     RecentOutcome,
@@ -35,6 +36,7 @@ from otpd.delivery.channel import Capacity, Channel, Job, WorkSource
 from otpd.delivery.engine import DeliveryEngine
 from otpd.delivery.handover import handover_envelope
 from otpd.delivery.intake import EngineIntake
+from otpd.email_quota import EmailQuota
 from otpd.errors import StartupError
 from otpd.limits import Limiter, SimQuota
 from otpd.metrics import Metrics
@@ -100,6 +102,26 @@ class StoreSimQuota:
             return await self._quota.record(sim, parts, now)
         except StoreError as exc:
             raise QuotaError(str(exc)) from exc
+
+
+class StoreEmailQuota:
+    """The email channel's provider caps, kept in the store; a store failure is
+    the channel's QuotaError."""
+
+    def __init__(self, quota: EmailQuota) -> None:
+        self._quota = quota  # raises StoreError
+
+    async def reserve(self, account: str, per_minute: int, per_day: int, now: float) -> float:
+        try:
+            return await self._quota.reserve(account, per_minute, per_day, now)
+        except StoreError as exc:
+            raise SmtpQuotaError(str(exc)) from exc
+
+    async def sent_day(self, account: str, now: float) -> int:
+        try:
+            return await self._quota.sent_day(account, now)
+        except StoreError as exc:
+            raise SmtpQuotaError(str(exc)) from exc
 
 
 def build_sms_channel(settings: Settings, store: Store) -> Channel:
@@ -219,7 +241,8 @@ class Daemon:
         channels = self._channels or {
             "sms": build_sms_channel(s, self.store),
             "email": SmtpChannel(s.smtp, s.delivery.email_workers, s.delivery.retry_base,
-                                 s.delivery.retry_max),
+                                 s.delivery.retry_max,
+                                 quota=StoreEmailQuota(EmailQuota(self.store))),
         }
         sealer = Sealer(key)
         if s.metrics.enabled:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from otpd.channels.smtp_rules import Rests, Reuse
 from otpd.msisdn import InvalidReceiver, split_mailbox
 from otpd.settings_reader import Section
 from otpd.wire.protocol import header_value_problem
@@ -12,6 +13,7 @@ from otpd.wire.protocol import header_value_problem
 # ``Display Name <local@domain>`` or a bare ``local@domain``; the name may be
 # quoted. Nothing else (no lists, groups or comments): it is written into the
 # From header and the envelope, and must not be re-parsed into something else.
+_HELO = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]")
 _NAMED = re.compile(r'(?:"(?P<quoted>[^"\\]*)"|(?P<plain>[^"<>]*?))\s*<(?P<address>[^<>]*)>')
 
 
@@ -57,6 +59,21 @@ class SmtpAccount:
     sender: str
     timeout: float
     validate_certs: bool
+    # The session pool (otpd.channels.smtp_sessions) and the provider's caps.
+    ca_file: str = ""  # trust this CA (PEM) instead of the system store
+    helo_name: str = ""  # EHLO name; "" = this host's FQDN
+    max_sessions: int = 3  # sessions open at once (the provider's concurrent cap)
+    max_messages_per_session: int = 100
+    max_session_age: float = 300.0
+    idle_timeout: float = 60.0
+    pipelining: bool = True  # where the server offers PIPELINING (RFC 2920)
+    max_per_minute: int = 0  # 0 = no cap
+    max_per_day: int = 0
+    rests: Rests = field(default_factory=Rests)
+
+    @property
+    def reuse(self) -> Reuse:
+        return Reuse(self.max_messages_per_session, self.max_session_age, self.idle_timeout)
 
     @property
     def sender_parts(self) -> Sender:
@@ -74,6 +91,9 @@ def parse_smtp_account(s: Section) -> SmtpAccount:
         except ValueError as exc:
             s.error("sender", str(exc))
     username = s.str("username", "")
+    helo_name = s.str("helo_name", "")
+    if helo_name and not _HELO.fullmatch(helo_name):
+        s.error("helo_name", "must be a host name or an address literal such as [192.0.2.1]")
     out = SmtpAccount(
         name=s.str("name", f"{s.path}"),
         host=s.str("host", "127.0.0.1"),
@@ -84,6 +104,21 @@ def parse_smtp_account(s: Section) -> SmtpAccount:
         sender=sender,
         timeout=s.float("timeout", 30.0, min=1.0, max=600.0),
         validate_certs=s.bool("validate_certs", True),
+        ca_file=s.str("ca_file", ""),
+        helo_name=helo_name,
+        max_sessions=s.int("max_sessions", 3, min=1, max=64),
+        max_messages_per_session=s.int("max_messages_per_session", 100, min=0, max=100000),
+        max_session_age=s.float("max_session_age", 300.0, min=1.0, max=86400.0),
+        idle_timeout=s.float("idle_timeout", 60.0, min=0.1, max=3600.0),
+        pipelining=s.bool("pipelining", True),
+        max_per_minute=s.int("max_per_minute", 0, min=0, max=10**6),
+        max_per_day=s.int("max_per_day", 0, min=0, max=10**8),
+        rests=Rests(
+            throttled=s.float("rest_throttled", 60.0, min=1.0, max=86400.0),
+            over_quota=s.float("rest_over_quota", 3600.0, min=1.0, max=86400.0),
+            refused=s.float("rest_refused", 300.0, min=1.0, max=86400.0),
+            unreachable_max=s.float("rest_unreachable_max", 60.0, min=1.0, max=3600.0),
+        ),
     )
     s.finish()
     return out
