@@ -24,6 +24,14 @@ from tests.store.conftest import drop_prefix
 from tests.support.services import REDIS_URL, require_redis
 
 T0 = time.time()
+
+
+@pytest.fixture(autouse=True)
+def _now() -> None:
+    """Each test's times start at its own now: Redis expires keys on the real
+    clock, and a suite may run this file minutes after importing it."""
+    global T0
+    T0 = time.time()
 KEY = "a1" * 32  # a SHA-256 signature's length
 TTL = 30.0
 WINDOW = 300.0
