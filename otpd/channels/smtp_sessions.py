@@ -220,11 +220,19 @@ class Session:
         try:
             transport.write(b"\r\n".join(commands) + b"\r\n")
             self.clean = False
-            replies = await reader.read(len(commands), timeout)
-            refusal = next((_Refusal(stage, r.code, r.message)
-                            for (stage, ok), r in zip(stages, replies, strict=True)
-                            if r.code not in ok), None)
-            if replies[-1].code == 354:
+            # Replies one by one: a server that refuses and closes (421) has its
+            # say even when the connection is gone before the last reply.
+            refusal: _Refusal | None = None
+            for stage, ok in stages:
+                try:
+                    (last,) = await reader.read(1, timeout)
+                except _Lost:
+                    if refusal is not None:
+                        raise refusal from None
+                    raise
+                if refusal is None and last.code not in ok:
+                    refusal = _Refusal(stage, last.code, last.message)
+            if last.code == 354:
                 # The server took DATA: finish it, with an empty message if an
                 # earlier command failed (it must refuse that one: no recipient).
                 transport.write(b".\r\n" if refusal is not None else payload + b".\r\n")

@@ -175,7 +175,8 @@ class ProviderSink(SmtpSink):
             scripted = self.mail_replies.pop(0) if self.mail_replies else None
         if scripted is not None:
             if scripted.startswith("421"):
-                server.transport.close()  # 421: the server closes the session
+                # 421: the server closes the session, once the reply is written.
+                asyncio.get_running_loop().call_soon(server.transport.close)
             return scripted
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -193,16 +194,24 @@ class ProviderSink(SmtpSink):
 
 
 class _CountingSMTP(SMTP):
+    # aiosmtpd calls connection_made again for the TLS layer after STARTTLS:
+    # one connection is counted once.
+    _counted = False
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         counts = self.event_handler.sessions
-        with counts.lock:
-            counts.opened += 1
+        if not self._counted:
+            self._counted = True
+            with counts.lock:
+                counts.opened += 1
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         counts = self.event_handler.sessions
-        with counts.lock:
-            counts.closed += 1
+        if self._counted:
+            self._counted = False
+            with counts.lock:
+                counts.closed += 1
         super().connection_lost(error)
 
 
@@ -268,6 +277,12 @@ class ProviderServer(SmtpServer):
             self.sink, hostname="127.0.0.1", port=self.port, ssl_context=self.implicit_tls,
             server_hostname="localhost", **kwargs)
         self._controller.start()
+        # aiosmtpd connects once to itself at start: that session is not a client's.
+        deadline = time.monotonic() + 5
+        while self.sessions.open and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with self.sessions.lock:
+            self.sessions.opened = self.sessions.closed = 0
 
 
 def make_test_ca(folder: Path) -> tuple[Path, Path]:
