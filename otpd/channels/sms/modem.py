@@ -507,7 +507,9 @@ class Modem:
     async def _setup_reports(self) -> str:
         """Have the modem pass status reports on; "direct", "stored" or "" (neither taken)."""
         # Service 0: reports need no AT+CNMA (with service 1 an unacked +CDS is lost).
-        await self.exchange("AT+CSMS=0")
+        # Older modems may not know AT+CSMS at all: its answer does not matter.
+        with contextlib.suppress(AtTimeout):
+            await self.exchange("AT+CSMS=0")
         if (await self.patient(replies.CNMI_DIRECT)).ok:
             return "direct"
         if (await self.patient(replies.CNMI_STORED)).ok:
