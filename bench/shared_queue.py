@@ -79,8 +79,9 @@ async def publisher(kind: str, topic: str) -> tuple[Publish, Callable[[], Awaita
 
         return stream, close_redis
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
-    client5 = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client5 = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client5.connect(MQTT_HOST, MQTT_PORT)
     client5.loop_start()
 
