@@ -42,8 +42,9 @@ ALL_GRANTS = frozenset(GRANT_NAMES)
 _ALIASES = {"send-mail": "send-email"}
 
 # What get-modem-list shows only with modem-identity: each identifies the SIM,
-# the subscriber or the handset (a by-id port name embeds the USB serial).
-IDENTITY_KEYS = frozenset({"imsi", "imei", "iccid", "msisdn", "port", "serial"})
+# the subscriber or the handset (a by-id port name embeds the USB serial; "sim"
+# is the SIM's IMSI as the pool labels its delivery statistics).
+IDENTITY_KEYS = frozenset({"imsi", "imei", "iccid", "msisdn", "port", "serial", "sim"})
 
 # Service codes of 3GPP TS 22.030 Annex B. These change where calls and SMS go
 # or what the SIM may do: refused even when a configured pattern names them.
