@@ -11,8 +11,10 @@ what happened into the engine's outcome.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from typing import Any
 
 from otpd.aio import STOP_BOUND, cancel_and_wait, raise_if_cancel_requested
 from otpd.channels import smtp_rules as rules
-from otpd.channels.email_settings import SmtpAccount
+from otpd.channels.email_settings import Sender, SmtpAccount, parse_sender
 from otpd.channels.smtp_quota import QuotaError, SendQuota
 from otpd.channels.smtp_sessions import AccountPool, Lease, SendError
 from otpd.delivery.channel import (
@@ -42,8 +44,12 @@ from otpd.wire.protocol import header_value_problem
 
 log = logging.getLogger("otpd.channels.email")
 
+# CRLF line ends, as SMTP wants them; long header lines folded.
+_SMTP_POLICY = policy.SMTP
 _QUOTA_REFRESH = 30.0  # s between reads of the shared daily counts (status only)
 _WAIT_STEP = 1.0  # s a sender waiting for a session looks again at the accounts' rests
+_WORKERS_PER_SESSION = 4
+_MAX_WORKERS = 256
 _SEND_TIME_WEIGHT = 0.1  # of each new hand-off in the observed send time
 
 
@@ -85,6 +91,57 @@ def build_message(account: SmtpAccount, job: Job) -> tuple[EmailMessage, str, st
     return msg, sender.address, f"{local}@{domain}"
 
 
+# An OTP text: printable ASCII lines short enough never to be folded or encoded.
+_PLAIN_BODY = re.compile(r"[\x20-\x7e\t\n]*")
+_PLAIN_LINE = 78  # email.policy.SMTP.max_line_length
+_BODY_HEADERS = (b"Auto-Submitted: auto-generated\r\n"
+                 b'Content-Type: text/plain; charset="utf-8"\r\n'
+                 b"Content-Transfer-Encoding: 7bit\r\nMIME-Version: 1.0\r\n\r\n")
+
+
+def _header_lines(name: str, value: str | Address) -> bytes:
+    """One header as the email library writes it (encoded words, folding)."""
+    msg = EmailMessage()
+    msg[name] = value
+    return msg.as_bytes(policy=_SMTP_POLICY).split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+# Cached: an account's From and the usual subjects are the same for every message.
+@functools.lru_cache(maxsize=64)
+def _subject_header(subject: str) -> bytes:
+    return _header_lines("Subject", subject)
+
+
+@functools.lru_cache(maxsize=16)
+def _from_header(sender: str) -> tuple[bytes, Sender]:
+    parts = parse_sender(sender)
+    return _header_lines("From", Address(parts.display_name, parts.local, parts.domain)), parts
+
+
+def render_message(account: SmtpAccount, job: Job) -> tuple[bytes, str, str]:
+    """The message as SMTP bytes and its envelope: what :func:`build_message` gives,
+    written directly for the usual OTP (printable ASCII text), since building an
+    ``EmailMessage`` and its headers costs more than the rest of a send."""
+    text = job.text
+    if not (_PLAIN_BODY.fullmatch(text)
+            and all(len(line) <= _PLAIN_LINE for line in text.splitlines())):
+        message, sender, recipient = build_message(account, job)
+        return message.as_bytes(policy=_SMTP_POLICY), sender, recipient
+    from_lines, parts = _from_header(account.sender)
+    local, domain = recipient_of(job)  # ASCII dot-atom @ ASCII domain: written as is
+    recipient = f"{local}@{domain}"
+    head = b"".join((
+        from_lines,
+        b"To: " + recipient.encode("ascii") + b"\r\n",
+        _subject_header(job.subject),
+        b"Date: " + formatdate(localtime=False, usegmt=True).encode("ascii") + b"\r\n",
+        b"Message-ID: " + make_msgid(domain=parts.domain).encode("ascii") + b"\r\n",
+        _BODY_HEADERS,
+    ))
+    body = "\r\n".join(text.splitlines()).encode("ascii") + b"\r\n"
+    return head + body, parts.address, recipient
+
+
 class SmtpChannel:
     name = "email"
 
@@ -94,10 +151,14 @@ class SmtpChannel:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.accounts = accounts
-        # One sender per session the busiest account may open (strict failover:
-        # one account sends at a time). ``workers`` (delivery.email_workers) is
-        # what the channel ran before sessions were pooled; the pools decide now.
-        self.workers = max((a.max_sessions for a in accounts), default=workers)
+        # Senders: the sessions the largest account may open (strict failover: one
+        # account sends at a time). ``workers`` (delivery.email_workers) is what
+        # the channel ran before sessions were pooled; the pools decide now.
+        self.senders = max((a.max_sessions for a in accounts), default=workers)
+        # Workers: a few per session, since a worker also waits for the store
+        # (the attempt and the outcome are written durably around each send) and
+        # holds a session only while it sends.
+        self.workers = min(self.senders * _WORKERS_PER_SESSION, _MAX_WORKERS)
         self.retry_base = retry_base
         self.retry_max = retry_max
         self.quota = quota
@@ -130,9 +191,9 @@ class SmtpChannel:
         pool = self._sending_pool(now)
         if pool is None:
             reasons = "; ".join(f"{p.name}: {p.rest_reason}" for p in self.pools)
-            return Capacity(ready=0, senders=self.workers, send_time=self.send_time,
+            return Capacity(ready=0, senders=self.senders, send_time=self.send_time,
                             reason=f"every SMTP account is resting ({reasons})")
-        return Capacity(ready=pool.account.max_sessions, senders=self.workers,
+        return Capacity(ready=pool.account.max_sessions, senders=self.senders,
                         busy=min(pool.busy, pool.account.max_sessions),
                         send_time=self.send_time)
 
@@ -299,8 +360,7 @@ class SmtpChannel:
                     pool.rest(wait, f"cap reached ({', '.join(c for c in caps if c)})")
                     errors.append(f"{pool.name}: {pool.rest_reason}")
                     continue
-                message, sender, recipient = build_message(pool.account, job)
-                content = message.as_bytes(policy=_SMTP_POLICY)
+                content, sender, recipient = render_message(pool.account, job)
                 started = time.monotonic()
                 await pool.transmit(lease, sender, recipient, content)
             except SendError as exc:
@@ -334,6 +394,3 @@ class SmtpChannel:
         delay = max(first_back, 0.1) * random.uniform(1.0, 1.2)
         return Retry("; ".join(errors) or "no SMTP account", delay)
 
-
-# CRLF line ends, as SMTP wants them; long header lines folded.
-_SMTP_POLICY = policy.SMTP

@@ -49,6 +49,7 @@ log = logging.getLogger("otpd.channels.smtp")
 _DOT = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 §4.5.2)
 _MAX_REPLY = 64 * 1024  # bytes of replies buffered at most (a hostile server)
 _QUIT_BOUND = 2.0  # s a QUIT may take before the connection is just closed
+_STOP_QUIT = 0.5  # s the QUITs may take when otpd stops
 
 
 class Reply(NamedTuple):
@@ -480,12 +481,16 @@ class AccountPool:
         task.add_done_callback(self._closing.discard)
 
     async def close_all(self) -> None:
-        """Stop: QUIT every idle session (bounded); close anything still open."""
+        """Stop: QUIT every idle session, briefly; then close whatever is still open."""
         idle, self._idle = self._idle, []
         for session in idle:
             self._retire(session)
         if self._closing:
-            await asyncio.wait(set(self._closing), timeout=_QUIT_BOUND + 0.5)
+            _, late = await asyncio.wait(set(self._closing), timeout=_STOP_QUIT)
+            for task in late:
+                task.cancel()  # its finally closes the connection
+            if late:
+                await asyncio.wait(late, timeout=_STOP_QUIT)
 
     def status(self, now: float) -> dict[str, Any]:
         a = self.account

@@ -11,12 +11,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from email import policy
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from otpd.channels.email import SmtpChannel
+from otpd.channels.email import SmtpChannel, build_message, render_message
 from otpd.channels.email_settings import SmtpAccount
 from otpd.channels.smtp_rules import Rests
 from otpd.delivery.channel import Delivered, Failed, Job, Outcome, Retry
@@ -381,7 +382,7 @@ async def test_the_running_channel_sends_on_its_sessions_and_closes_idle_ones(
     jobs = [job(f"w{i}") for i in range(40)]
     source = ListSource(jobs)
     ch = channel(account(server.port, max_sessions=4, idle_timeout=0.3))
-    assert ch.workers == 4
+    assert ch.senders == 4 and ch.workers == 16
     task = asyncio.create_task(ch.run(source))
     try:
         await wait_until(lambda: len(source.outcomes) == len(jobs), 10, "every outcome")
@@ -401,3 +402,26 @@ async def test_the_running_channel_sends_on_its_sessions_and_closes_idle_ones(
 def test_rests_settings_reach_the_rules() -> None:
     assert account(25).rests == Rests()
     assert account(25).reuse.max_messages == 100
+
+
+@pytest.mark.parametrize(("subject", "text", "sender"), [
+    ("Your code", "Your OTP is 123456", "OTP <otp@example.com>"),
+    ("Kode ✓ " + "x" * 90, "Kode Anda 123456\nberlaku 5 menit.\n", '"Bank, Inc" <otp@example.com>'),
+    ("Your code", "Votre code : 123456 ✓", "Bücher <otp@bücher.example>"),
+    ("Your code", "a line far longer than seventy-eight characters " * 3, "otp@example.com"),
+    ("Your code", ".leading dot\n.\nend", "OTP <otp@example.com>"),
+])
+def test_the_fast_rendering_is_what_the_email_library_writes(
+        subject: str, text: str, sender: str) -> None:
+    acc = account(25, sender=sender)
+    j = dataclasses.replace(job("r"), subject=subject, text=text)
+    fast, envelope_from, envelope_to = render_message(acc, j)
+    message, *envelope = build_message(acc, j)
+    slow = message.as_bytes(policy=policy.SMTP)
+
+    def without_date_and_id(data: bytes) -> list[bytes]:
+        return [line for line in data.split(b"\r\n")
+                if not line.startswith((b"Date: ", b"Message-ID: "))]
+
+    assert without_date_and_id(fast) == without_date_and_id(slow)
+    assert [envelope_from, envelope_to] == envelope
