@@ -77,6 +77,7 @@ class StateCollector(Collector):
             failed.add_metric([name], float(m.get("failed", 0)))
         yield from (up, state, signal, sent, failed)
         yield from _delivery_metrics(st.get("channels", {}).get("sms", {}))
+        yield from _smtp_metrics(st.get("channels", {}).get("email", {}).get("accounts", []))
         connected = GaugeMetricFamily("otpd_consumer_connected", "1 if connected to its broker",
                                       labels=["consumer"])
         received = GaugeMetricFamily("otpd_consumer_received", "Commands received since start",
@@ -90,6 +91,42 @@ class StateCollector(Collector):
             taking.add_metric([c["name"]], 1.0 if c.get("taking") else 0.0)
         yield from (connected, received, taking)
         yield from _intake_metrics((st.get("intake") or {}).get("channels", {}))
+
+
+def _smtp_metrics(accounts: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Per SMTP account: its sessions, sends against the daily cap, rests."""
+    sessions = GaugeMetricFamily("otpd_smtp_sessions", "SMTP sessions open, by state",
+                                 labels=["account", "state"])
+    max_sessions = GaugeMetricFamily("otpd_smtp_sessions_max", "SMTP sessions allowed at once",
+                                     labels=["account"])
+    resting = GaugeMetricFamily("otpd_smtp_resting_seconds",
+                                "Seconds the account still rests (0: it sends)",
+                                labels=["account"])
+    rests = CounterMetricFamily("otpd_smtp_rests", "Times the account was put to rest",
+                                labels=["account"])
+    sent = CounterMetricFamily("otpd_smtp_sent", "Messages handed off since start",
+                               labels=["account"])
+    connections = CounterMetricFamily("otpd_smtp_connections", "SMTP sessions opened",
+                                      labels=["account"])
+    sent_day = GaugeMetricFamily("otpd_smtp_sent_day",
+                                 "Messages in the last 24 h, every node (with a daily cap)",
+                                 labels=["account"])
+    cap_day = GaugeMetricFamily("otpd_smtp_max_per_day", "The account's daily cap (0: none)",
+                                labels=["account"])
+    for a in accounts:
+        name = str(a.get("name", "?"))
+        s = a.get("sessions") or {}
+        sessions.add_metric([name, "busy"], float(s.get("busy", 0)))
+        sessions.add_metric([name, "idle"], float(s.get("idle", 0)))
+        max_sessions.add_metric([name], float(s.get("max", 0)))
+        resting.add_metric([name], float(a.get("rest_left", 0.0)))
+        rests.add_metric([name], float(a.get("rests", 0)))
+        sent.add_metric([name], float(a.get("sent", 0)))
+        connections.add_metric([name], float(a.get("connections", 0)))
+        if a.get("sent_day") is not None:
+            sent_day.add_metric([name], float(a["sent_day"]))
+        cap_day.add_metric([name], float(a.get("max_per_day", 0)))
+    yield from (sessions, max_sessions, resting, rests, sent, connections, sent_day, cap_day)
 
 
 def _intake_metrics(channels: dict[str, Any]) -> Iterator[Metric]:

@@ -161,8 +161,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               + _recent_delivery(m.get("delivery"), st)
               + (f", last error: {m['last_error']}" if m.get("last_error") else ""))
     for a in st.get("channels", {}).get("email", {}).get("accounts", []):
-        print(f"smtp {a['name']}: {'ok' if a['healthy'] else 'failing'} ({a['host']}:{a['port']})"
-              + (f", last error: {a['last_error']}" if a.get("last_error") else ""))
+        print(smtp_status_line(a))
     for c in st.get("brokers", []):
         print(f"consumer {c['name']}: {'connected' if c['connected'] else 'disconnected'},"
               f" {c.get('received', 0)} received"
@@ -171,6 +170,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         for line in intake_lines(st):
             print(line)
     return 0
+
+
+def smtp_status_line(a: dict[str, Any]) -> str:
+    """``smtp primary: ok (smtp.example.com:587), sessions 2 busy + 1 idle of 4, sent
+    today 1200/2000, 3 rests``, or ``resting 55 s: throttled: 421 ...``."""
+    state = (f"resting {a.get('rest_left', 0):.0f} s: {a.get('rest_reason', '')}"
+             if a.get("resting") else "ok" if a.get("healthy", True) else "failing")
+    parts = [f"smtp {a['name']}: {state} ({a['host']}:{a['port']})"]
+    sessions = a.get("sessions")
+    if sessions:
+        parts.append(f"sessions {sessions['busy']} busy + {sessions['idle']} idle of"
+                     f" {sessions['max']}" + (", pipelining" if a.get("pipelining") else ""))
+    if "sent" in a:
+        day = a.get("sent_day")
+        cap = a.get("max_per_day") or 0
+        parts.append(f"sent {a['sent']} since start" + (
+            f", today {day if day is not None else '?'}/{cap}" if cap else ""))
+    if a.get("rests"):
+        parts.append(f"{a['rests']} rests")
+    if a.get("last_error") and not a.get("resting"):
+        parts.append(f"last error: {a['last_error']}")
+    return ", ".join(parts)
 
 
 def _recent_delivery(counts: dict[str, Any] | None, st: dict[str, Any]) -> str:

@@ -425,3 +425,54 @@ def test_the_fast_rendering_is_what_the_email_library_writes(
 
     assert without_date_and_id(fast) == without_date_and_id(slow)
     assert [envelope_from, envelope_to] == envelope
+
+
+async def test_the_daemon_shows_sessions_caps_and_rests(
+        tmp_path: Path, smtp: Any, session: Any) -> None:
+    from otpd.app import control
+    from otpd.app.cli import smtp_status_line
+    from tests.support.daemon import start_daemon, write_config
+
+    config = write_config(tmp_path, f"""
+        [[smtp]]
+        name = "provider"
+        host = "127.0.0.1"
+        port = {smtp.port}
+        sender = "OTP <otp@example.com>"
+        max_sessions = 2
+        max_per_day = 500
+    """)
+    run = await start_daemon(config, session)
+    try:
+        for i in range(3):
+            _, body = await run.client.call("request-otp", {
+                "receiver": f"u{i}@example.org", "reference": f"r{i}",
+                "message": "Your code is %s"})
+            assert body["response_code"] == "0000", body
+        answer = await control.request(tmp_path / "control.sock", {"op": "status"})
+        (acc,) = answer["status"]["channels"]["email"]["accounts"]
+        assert acc["sent"] == 3 and acc["sent_day"] == 3 and acc["max_per_day"] == 500
+        assert acc["sessions"]["max"] == 2 and 1 <= acc["sessions"]["idle"] <= 2
+        line = smtp_status_line(acc)
+        assert line.startswith("smtp provider: ok") and "today 3/500" in line, line
+        assert run.daemon.metrics is not None
+        from prometheus_client import generate_latest
+        text = generate_latest(run.daemon.metrics.registry).decode()
+        assert 'otpd_smtp_sent_total{account="provider"} 3.0' in text, text
+        assert 'otpd_smtp_sent_day{account="provider"} 3.0' in text
+        assert 'otpd_smtp_resting_seconds{account="provider"} 0.0' in text
+    finally:
+        await run.daemon.stop()
+
+
+def test_a_resting_account_in_otpd_status() -> None:
+    from otpd.app.cli import smtp_status_line
+
+    line = smtp_status_line({
+        "name": "primary", "host": "smtp.example.com", "port": 587, "healthy": False,
+        "resting": True, "rest_left": 55.2, "rest_reason": "throttled: 421 4.7.0 later",
+        "sessions": {"busy": 0, "idle": 0, "max": 4}, "pipelining": True, "sent": 10,
+        "sent_day": None, "max_per_day": 2000, "rests": 3, "last_error": "x"})
+    assert line == ("smtp primary: resting 55 s: throttled: 421 4.7.0 later"
+                    " (smtp.example.com:587), sessions 0 busy + 0 idle of 4, pipelining,"
+                    " sent 10 since start, today ?/2000, 3 rests")
