@@ -28,6 +28,8 @@ BENCHES = [
     ("Start-up time and memory", ["startup.py"]),
     ("Store size and verify latency as OTPs accumulate", ["store_scale.py"]),
     ("Modem pool utilisation against the physical limit", ["sms_pool.py"]),
+    ("Email OTPs against the SMTP round-trip limit (pooled sessions vs a connection per"
+     " message)", ["email_sessions.py"]),
     ("Broker ingest (otpd vs the raw client library)", ["broker_ingest.py"]),
     ("Several nodes on one queue (work follows sending capacity)", ["shared_queue.py"]),
     ("WebSocket broker fan-out (otpd broker vs a bare websockets relay)",
