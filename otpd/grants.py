@@ -33,7 +33,11 @@ MODEM_IDENTITY = "modem-identity"
 # One grant per command (as the wire protocol names them), then the extra ones.
 COMMAND_GRANTS: tuple[str, ...] = (
     "request-otp", "verify-otp", "send-sms", "send-email", "send-message",
-    "block-msisdn", "unblock-msisdn", "echo", GET_MODEM_LIST, REQUEST_USSD,
+    "block-msisdn", "unblock-msisdn", "echo",
+    # Between nodes of one shared queue; the seal (the nodes' key) is what
+    # authenticates it, so it is granted by default.
+    "handover",
+    GET_MODEM_LIST, REQUEST_USSD,
 )
 GRANT_NAMES: tuple[str, ...] = (*COMMAND_GRANTS, MODEM_IDENTITY)
 OPERATIONAL_GRANTS = frozenset({GET_MODEM_LIST, REQUEST_USSD, MODEM_IDENTITY})

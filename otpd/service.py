@@ -20,6 +20,7 @@ from otpd.aio import within
 from otpd.auth.login_gate import LoginGate, address_group
 from otpd.delivery.channel import Channel, Job
 from otpd.delivery.engine import DeliveryEngine, Result
+from otpd.delivery.handover import handover_context
 from otpd.delivery.settings import DeliverySettings
 from otpd.grants import (
     MODEM_IDENTITY,
@@ -34,7 +35,7 @@ from otpd.msisdn import InvalidReceiver, canonical_receiver, is_email, mask
 from otpd.otp import generate_code, new_salt, otp_digest, otp_matches
 from otpd.otp_attempts import VERIFY_RESPONSES
 from otpd.otp_settings import OtpSettings
-from otpd.sealing import Sealer
+from otpd.sealing import Sealer, SealError
 from otpd.store import (
     Duplicate,
     NewMessage,
@@ -51,6 +52,7 @@ from otpd.wire.protocol import (
     Echo,
     Envelope,
     GetModemList,
+    Handover,
     ProtocolError,
     RequestOtp,
     RequestUssd,
@@ -231,6 +233,8 @@ class Service:
                 return await self._ussd(name, cmd, grants, client)
             case Echo():
                 return Response(name, Code.SUCCESS, cmd.data)
+            case Handover():
+                return await self._handover(name, cmd, wait, on_stored)
         raise ProtocolError(Code.UNKNOWN_COMMAND, f"command: {name} is not supported", name)
 
     # -- sending ---------------------------------------------------------------
@@ -346,6 +350,42 @@ class Service:
             return _duplicate_response(name, cmd, queued)
         return await self._deliver(name, cmd, queued, wait, on_stored)
 
+    async def _handover(self, name: str, cmd: Handover, wait: float,
+                        on_stored: OnStored | None) -> Response:
+        """A message another node stored and could not send in time. It was
+        admitted there (limits counted once), so only what may have changed
+        since is checked again: the block list, the allowed ranges, expiry."""
+        context = handover_context(cmd.channel, cmd.receiver, cmd.subject, cmd.expiration,
+                                   cmd.id)
+        try:
+            text = self.sealer.open_handover(cmd.sealed, context)
+        except SealError as exc:
+            log.error("%s %s: %s", name, cmd.id, exc)
+            return Response(name, Code.UNAUTHORIZED, _echo(cmd, None), str(exc))
+        receiver = self._receiver(cmd.receiver)
+        if (cmd.channel == "email") != is_email(receiver):
+            raise ProtocolError(Code.INVALID_REQUEST, "data.channel: does not fit the receiver")
+        if await self.store.is_blocked(receiver):
+            return Response(name, Code.BLOCKED, _echo(cmd, None), "receiver is blocked")
+        outside = self.limiter.receiver_refusal(receiver, self.otp.country_code)
+        if outside is not None:
+            return Response(name, Code.BLOCKED, _echo(cmd, None), outside)
+        refused = self._unavailable(name, cmd, cmd.channel)
+        if refused is not None:
+            return refused
+        now = self.clock()
+        if cmd.expiration <= now:
+            return Response(name, Code.EXPIRED, _echo(cmd, None), "expiration is already past")
+        msg = NewMessage(
+            command=name, channel=cmd.channel, receiver=receiver, subject=cmd.subject,
+            sealed=self.sealer.seal(text, receiver), created_at=now,
+            expires_at=float(cmd.expiration), dedupe_key=f"{cmd.id}|{receiver}",
+        )
+        queued = await self._store_and_submit(msg, text)
+        if isinstance(queued, Duplicate):
+            return _duplicate_response(name, cmd, queued)
+        return await self._deliver(name, cmd, queued, wait, on_stored)
+
     async def _store_and_submit(
         self, msg: NewMessage, text: str, otp_row: NewOtp | None = None
     ) -> asyncio.Future[Result | None] | Duplicate:
@@ -369,7 +409,7 @@ class Service:
     async def _deliver(
         self,
         name: str,
-        cmd: RequestOtp | SendSms | SendEmail | SendMessage,
+        cmd: RequestOtp | SendSms | SendEmail | SendMessage | Handover,
         fut: asyncio.Future[Result | None],
         wait: float,
         on_stored: OnStored | None,

@@ -23,7 +23,6 @@ from otpd.channels.email import SmtpChannel
 from otpd.channels.sms.delivery_stats import Delivery
 from otpd.channels.sms.quota import QuotaError
 from otpd.channels.sms.quota import SimQuota as PoolQuota
-from otpd.channels.smtp_quota import QuotaError as SmtpQuotaError
 from otpd.channels.sms.reports import (
     PartReport,
     RecentOutcome,
@@ -32,6 +31,7 @@ from otpd.channels.sms.reports import (
     SentPart,
     Unreported,
 )
+from otpd.channels.smtp_quota import QuotaError as SmtpQuotaError
 from otpd.delivery.channel import Capacity, Channel, Job, WorkSource
 from otpd.delivery.engine import DeliveryEngine
 from otpd.delivery.handover import handover_envelope
@@ -224,7 +224,8 @@ class Daemon:
 
     async def _hand_over(self, job: Job) -> bool:
         """Publish a held message to the first shared queue that takes it."""
-        envelope = handover_envelope(job)
+        assert self.engine is not None
+        envelope = handover_envelope(job, self.engine.sealer.seal_handover)
         for consumer in self.consumers:
             if consumer.intake is not None and await consumer.republish(envelope):
                 return True

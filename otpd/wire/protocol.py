@@ -135,6 +135,22 @@ class Echo:
     name = "echo"
 
 
+@dataclass(frozen=True)
+class Handover:
+    """A message another node stored but could not send in time, handed back to
+    the shared queue (an otpd extension between nodes; see otpd.delivery.handover).
+    ``sealed`` is its text, sealed with the nodes' shared key."""
+
+    id: str
+    channel: str  # "sms" | "email"
+    receiver: str
+    subject: str
+    expiration: int
+    sealed: str
+    date_time: int | None = None
+    name = "handover"
+
+
 Command = (
     RequestOtp
     | VerifyOtp
@@ -146,6 +162,7 @@ Command = (
     | GetModemList
     | RequestUssd
     | Echo
+    | Handover
 )
 
 @dataclass(frozen=True)
@@ -454,6 +471,25 @@ def _ussd(f: _Fields) -> RequestUssd:
     )
 
 
+def _handover(f: _Fields) -> Handover:
+    channel = f.required("channel", limit=8)
+    if channel not in ("sms", "email"):
+        raise ProtocolError(Code.INVALID_REQUEST, "data.channel: must be sms or email")
+    expiration = f.int("expiration")
+    if expiration is None:
+        raise ProtocolError(Code.INVALID_REQUEST, "data.expiration: is required")
+    return Handover(
+        id=f.required("id", limit=MAX_ID_CHARS),
+        channel=channel,
+        receiver=f.required("receiver", limit=MAX_RECEIVER_CHARS),
+        subject=f.subject() or "",
+        expiration=expiration,
+        # Base64 of nonce + ciphertext + tag of a text of up to MAX_MESSAGE_CHARS.
+        sealed=f.required("sealed", limit=4 * (4 * MAX_MESSAGE_CHARS + 64) // 3 + 4),
+        date_time=f.int("date_time"),
+    )
+
+
 def _echo(f: _Fields) -> Echo:
     return Echo(data=f.data)
 
@@ -470,6 +506,7 @@ _PARSERS: dict[str, Any] = {
     "get-modem-list": _modem_list,
     "request-ussd": _ussd,
     "echo": _echo,
+    "handover": _handover,
 }
 
 COMMAND_NAMES = frozenset(_PARSERS)
