@@ -540,16 +540,16 @@ class Consumer(ABC):
             await ack_once()
             self._refused(f"dropped {env.name}: its reply address is a command topic")
             return
+        # Before the replay claim: the node the command is passed on to must find
+        # it unclaimed (and it is that node that refuses a replay).
+        if await self._leave_to_others(msg, env.name, env.command):
+            return
         if guard_key is not None:
             claim = await self._claim_replay(guard_key, env.name)
             if claim is not Claim.NEW:
                 if claim is Claim.SEEN or not await self._hand_back(msg):
                     await ack_once()
                 return
-        if await self._leave_to_others(msg, env.name, env.command):
-            if guard_key is not None:
-                await self._release(guard_key)
-            return
         stamp = env.raw.get(TIMESTAMP_FIELD)
         settled = guard_key is None
 
