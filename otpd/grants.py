@@ -3,7 +3,9 @@
 A *grant* is a command name (``send-mail`` is granted by ``send-email``) or
 ``modem-identity``, which lets ``get-modem-list`` show what identifies a SIM or
 handset (IMSI, IMEI, ICCID, the SIM's number, the serial port's by-id name,
-which carries the USB serial number). Every REST user and broker consumer
+which carries the USB serial number), or ``status-page``, which lets a REST
+user view ``/status`` (blocking and unblocking there still needs
+``block-msisdn`` and ``unblock-msisdn``). Every REST user and broker consumer
 holds :data:`DEFAULT_GRANTS` (the OTP, send and block commands, and echo);
 a configured list changes them: a name adds that grant, ``-name`` takes a
 default one away (``["request-ussd", "-send-sms"]``).
@@ -29,6 +31,7 @@ from typing import Any
 REQUEST_USSD = "request-ussd"
 GET_MODEM_LIST = "get-modem-list"
 MODEM_IDENTITY = "modem-identity"
+STATUS_PAGE = "status-page"  # view /status (REST users; never a default)
 
 # One grant per command (as the wire protocol names them), then the extra ones.
 COMMAND_GRANTS: tuple[str, ...] = (
@@ -39,8 +42,8 @@ COMMAND_GRANTS: tuple[str, ...] = (
     "handover",
     GET_MODEM_LIST, REQUEST_USSD,
 )
-GRANT_NAMES: tuple[str, ...] = (*COMMAND_GRANTS, MODEM_IDENTITY)
-OPERATIONAL_GRANTS = frozenset({GET_MODEM_LIST, REQUEST_USSD, MODEM_IDENTITY})
+GRANT_NAMES: tuple[str, ...] = (*COMMAND_GRANTS, MODEM_IDENTITY, STATUS_PAGE)
+OPERATIONAL_GRANTS = frozenset({GET_MODEM_LIST, REQUEST_USSD, MODEM_IDENTITY, STATUS_PAGE})
 DEFAULT_GRANTS = frozenset(GRANT_NAMES) - OPERATIONAL_GRANTS
 ALL_GRANTS = frozenset(GRANT_NAMES)
 _ALIASES = {"send-mail": "send-email"}

@@ -18,6 +18,7 @@ from otpd.app.control import ControlServer
 from otpd.app.ddns import DdnsUpdater
 from otpd.app.ddns_settings import DdnsSettings
 from otpd.app.settings import Settings, load_settings
+from otpd.app.status_view import StatusView
 from otpd.auth.htpasswd import SALTED_SCHEMES, HtpasswdError, HtpasswdFile
 from otpd.channels.email import SmtpChannel
 from otpd.channels.sms.delivery_stats import Delivery
@@ -261,7 +262,11 @@ class Daemon:
             self.users = self._load_users()
             self.rest = RestApi(s.server, self.service, self.users, s.delivery.wait,
                                 metrics=self.metrics, health=self,
-                                metrics_auth=s.metrics.require_auth)
+                                metrics_auth=s.metrics.require_auth,
+                                status_board=StatusView(
+                                    self.status, self.store,
+                                    s.limits.sim_daily_max if s.limits.enabled else 0,
+                                    clock=self.service.clock))
             await self.rest.start()
         # Block and unblock go through the service: its rules, clock and logs.
         self.control = ControlServer(s.control.socket, self.service, self.store, self.status)

@@ -16,6 +16,7 @@ from otpd.store.records import (
     Claim,
     Duplicate,
     Finished,
+    HourActivity,
     Inserted,
     MessageRow,
     NewMessage,
@@ -93,6 +94,11 @@ class Store(Protocol):
 
     async def sms_outcomes(self, since: float) -> list[SmsOutcome]:
         """Final delivery states reached since ``since``, oldest first."""
+        ...
+
+    async def hourly_activity(self, since: float) -> list[HourActivity]:
+        """Sent, failed and delivered messages per hour, channel and sender since
+        ``since`` (the status page's chart), oldest hour first."""
         ...
 
     # shared state

@@ -137,6 +137,20 @@ class SmsOutcome:
     at: float
 
 
+@dataclass(frozen=True)
+class HourActivity:
+    """Outbox messages of one channel and sender (``via``: a modem or SMTP account)
+    in the hour starting at ``hour`` (epoch s): finished sent or failed then, or
+    reported delivered then (SMS with delivery reports)."""
+
+    hour: int
+    channel: str
+    via: str
+    sent: int
+    failed: int
+    delivered: int
+
+
 # Digits compared from the end: an SC may write the recipient nationally
 # ("0812...") or without the "+" while otpd sent "+62812...".
 _MATCH_DIGITS = 8

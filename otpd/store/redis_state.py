@@ -32,6 +32,7 @@ from otpd.store.records import (
     Claim,
     Duplicate,
     Finished,
+    HourActivity,
     Inserted,
     MessageRow,
     NewMessage,
@@ -304,6 +305,9 @@ class RedisSharedStore:
 
     async def sms_outcomes(self, since: float) -> list[SmsOutcome]:
         return await self.outbox.sms_outcomes(since)
+
+    async def hourly_activity(self, since: float) -> list[HourActivity]:
+        return await self.outbox.hourly_activity(since)  # the node's own outbox
 
     # -- OTPs ---------------------------------------------------------------------
     async def verify_otp(

@@ -25,6 +25,7 @@ from otpd.store.records import (
     Claim,
     Duplicate,
     Finished,
+    HourActivity,
     Inserted,
     MessageRow,
     NewMessage,
@@ -392,6 +393,27 @@ class SqliteStore:
                 " WHERE o.delivery IN (?, ?, ?) AND o.delivery_at >= ? ORDER BY o.delivery_at",
                 (*FINAL_DELIVERY, since)).fetchall()
             return [SmsOutcome(*r) for r in rows]
+
+        return await self._tx(run)
+
+    async def hourly_activity(self, since: float) -> list[HourActivity]:
+        """Sent and failed by ``finished_at``, delivered by ``delivery_at``, per hour."""
+
+        def run(c: sqlite3.Connection) -> list[HourActivity]:
+            rows: dict[tuple[int, str, str], list[int]] = {}
+            for hour, channel, via, sent, failed in c.execute(
+                    "SELECT CAST(finished_at / 3600 AS INTEGER) * 3600, channel,"
+                    " coalesce(via, ''), sum(state = 'sent'), sum(state <> 'sent')"
+                    " FROM outbox WHERE finished_at >= ? AND state <> 'pending'"
+                    " GROUP BY 1, 2, 3", (since,)):
+                rows[(hour, channel, via)] = [sent, failed, 0]
+            for hour, channel, via, delivered in c.execute(
+                    "SELECT CAST(delivery_at / 3600 AS INTEGER) * 3600, channel,"
+                    " coalesce(via, ''), count(*) FROM outbox"
+                    " WHERE delivery = 'delivered' AND delivery_at >= ? GROUP BY 1, 2, 3",
+                    (since,)):
+                rows.setdefault((hour, channel, via), [0, 0, 0])[2] = delivered
+            return [HourActivity(h, ch, v, *n) for (h, ch, v), n in sorted(rows.items())]
 
         return await self._tx(run)
 

@@ -26,8 +26,11 @@ from otpd.auth.basic import parse_basic_auth
 from otpd.auth.htpasswd import HtpasswdFile
 from otpd.auth.login_gate import Ticket
 from otpd.errors import StartupError
+from otpd.grants import STATUS_PAGE, grant_for
 from otpd.metrics import Metrics
+from otpd.msisdn import InvalidReceiver
 from otpd.service import Service
+from otpd.transports import csrf
 from otpd.transports.rest_guard import ConnectionCaps, Timeouts, connection_limits
 from otpd.transports.rest_listener import (
     EXPECT_CONTINUE,
@@ -37,6 +40,14 @@ from otpd.transports.rest_listener import (
     request_factory,
 )
 from otpd.transports.settings import ServerSettings
+from otpd.transports.status_page import (
+    NOTICES,
+    SECURITY_HEADERS,
+    STATUS_PATH,
+    Viewer,
+    render_page,
+    render_refusal,
+)
 from otpd.wire.codes import Code
 from otpd.wire.protocol import (
     COMMAND_NAMES,
@@ -91,10 +102,22 @@ class Health(Protocol):
         ...
 
 
+class StatusBoard(Protocol):
+    async def snapshot(self) -> dict[str, Any]:
+        """What the status page shows (see ``otpd.transports.status_page``)."""
+        ...
+
+
+def _page(body: str, status: int = 200) -> web.Response:
+    """An HTML answer of the status page, with its security headers."""
+    return web.Response(text=body, status=status, content_type="text/html", charset="utf-8",
+                        headers=SECURITY_HEADERS)
+
+
 class RestApi:
     def __init__(self, settings: ServerSettings, service: Service, users: HtpasswdFile | None,
                  wait: float, *, metrics: Metrics | None = None, health: Health | None = None,
-                 metrics_auth: bool = True) -> None:
+                 metrics_auth: bool = True, status_board: StatusBoard | None = None) -> None:
         self.settings = settings
         self.service = service
         self.users = users
@@ -102,6 +125,9 @@ class RestApi:
         self.metrics = metrics
         self.health = health
         self.metrics_auth = metrics_auth
+        self.status_board = status_board
+        # Domain-separated from the server key: the page's CSRF tokens.
+        self._csrf_key = csrf.derive_key(service.key)
         self._runner: web.AppRunner | None = None
         self._ssl: ssl.SSLContext | None = None
         self._listener: GuardedListener | None = None
@@ -120,6 +146,9 @@ class RestApi:
         app.router.add_get("/readyz", self._readyz, expect_handler=_expect)
         if self.metrics is not None:
             app.router.add_get("/metrics", self._metrics, expect_handler=_expect)
+        if self.status_board is not None:
+            app.router.add_get(STATUS_PATH, self._status_page, expect_handler=_expect)
+            app.router.add_post(STATUS_PATH, self._status_post, expect_handler=_expect)
         app.on_response_prepare.append(_server_header)
         return app
 
@@ -151,6 +180,77 @@ class RestApi:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         body = encoder(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+    # -- the status page (rendering: otpd.transports.status_page) ----------------
+    async def _page_login(self, request: web.Request) -> tuple[str, Viewer] | web.Response:
+        """The user and what the page lets them do, or the 401/429/403 answer.
+        The same Basic auth and login gate as the API; viewing needs ``status-page``."""
+        user = await self._login(request)
+        if isinstance(user, web.Response):
+            user.headers.update(SECURITY_HEADERS)
+            return user
+        grants = self.settings.grants_for(user)
+        if not grants.allows(STATUS_PAGE):
+            return _page(render_refusal(
+                "Forbidden", f"{user} may not view the status page: grant {STATUS_PAGE!r} in"
+                f" {grants.setting or 'server.grants'}"), 403)
+        viewer = Viewer(user, csrf.make_token(self._csrf_key, user, self.service.clock()),
+                        can_block=grants.allows("block-msisdn"),
+                        can_unblock=grants.allows("unblock-msisdn"),
+                        refresh=request.query.get("refresh") != "off")
+        return user, viewer
+
+    async def _status_page(self, request: web.Request) -> web.Response:
+        assert self.status_board is not None
+        found = await self._page_login(request)
+        if isinstance(found, web.Response):
+            return found
+        _, viewer = found
+        notice = NOTICES.get(request.query.get("done", ""), "")
+        return _page(render_page(await self.status_board.snapshot(), viewer, notice=notice))
+
+    async def _status_post(self, request: web.Request) -> web.Response:
+        """Block or unblock from the page: same origin, a valid CSRF token, the grant."""
+        found = await self._page_login(request)
+        if isinstance(found, web.Response):
+            return found
+        user, viewer = found
+        tls = self._ssl is not None
+        if not csrf.same_origin(request.headers.get(hdrs.ORIGIN),
+                                request.headers.get(hdrs.REFERER), request.host, tls):
+            log.warning("status page: refused a POST by %s from another origin (%s)", user,
+                        request.headers.get(hdrs.ORIGIN, "no Origin header"))
+            return _page(render_refusal("Forbidden", "cross-origin request refused"), 403)
+        if request.content_type != "application/x-www-form-urlencoded":
+            return _page(render_refusal("Bad request", "expected a form"), 400)
+        form = await request.post()
+        token, action, receiver = (form.get("csrf"), form.get("action"), form.get("receiver"))
+        if not isinstance(token, str) or not csrf.token_valid(
+                self._csrf_key, user, token, self.service.clock()):
+            log.warning("status page: refused a POST by %s without a valid CSRF token", user)
+            return _page(render_refusal("Forbidden", "missing or expired form token: reload"
+                                        " the status page and try again"), 403)
+        if action not in ("block", "unblock") or not isinstance(receiver, str):
+            return _page(render_refusal("Bad request", "unknown action"), 400)
+        if not (viewer.can_block if action == "block" else viewer.can_unblock):
+            grant = grant_for(f"{action}-msisdn")
+            return _page(render_refusal("Forbidden", f"{user} may not {action}: grant"
+                                        f" {grant!r} in [server.grants]"), 403)
+        by = f"rest:{user} (status page)"
+        try:
+            if action == "block":
+                await self.service.block(receiver, by=by)
+                done = "blocked"
+            else:
+                _, removed = await self.service.unblock(receiver, by=by)
+                done = "unblocked" if removed else "not-blocked"
+        except InvalidReceiver as exc:
+            assert self.status_board is not None
+            return _page(render_page(await self.status_board.snapshot(), viewer,
+                                     error=f"{action}: {exc}"), 400)
+        # Post/redirect/get: a reload never posts again.
+        return web.Response(status=303, headers={**SECURITY_HEADERS,
+                                                 "Location": f"{STATUS_PATH}?done={done}"})
 
     async def start(self) -> None:
         # In-flight requests get 2 s to finish on stop (waiting ones were already
