@@ -2,11 +2,11 @@
 
 The pool feeds it what the store decided (a message became delivered,
 undeliverable or unknown; a report arrived) and shows ``snapshot()`` in its
-status. The recent window per SIM is what a later rule can use to take a SIM
-that the network filters (everything "unknown" or "undeliverable") out of
-rotation; the running totals and the time-to-deliver histogram are what
-``/metrics`` exports. Times are the caller's wall-clock values; nothing here
-reads a clock.
+status. The recent window per SIM is what ``sim_health.py`` judges
+(``counts_since``) to take a SIM that the network filters (everything
+"unknown" or "undeliverable") out of rotation; the running totals and the
+time-to-deliver histogram are what ``/metrics`` exports. Times are the
+caller's wall-clock values; nothing here reads a clock.
 """
 
 from __future__ import annotations
@@ -138,6 +138,16 @@ class DeliveryStats:
         total = sum(counts.values())
         return {**counts, "total": total,
                 "delivered_ratio": counts["delivered"] / total if total else None}
+
+    def counts_since(self, sim: str, since: float, now: float) -> tuple[int, int]:
+        """``(delivered, total)`` of the SIM's outcomes in the window and at or
+        after ``since`` (what the filter policy judges)."""
+        delivered = total = 0
+        for item in self._recent.get(sim, ()):
+            if item.at >= since and item.at >= now - self.window:
+                total += 1
+                delivered += item.delivery is Delivery.DELIVERED
+        return delivered, total
 
     def snapshot(self, now: float) -> dict[str, dict[str, float | int | None]]:
         """Every known SIM's recent outcomes, with the modem it was last seen in."""

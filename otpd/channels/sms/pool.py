@@ -14,7 +14,15 @@ the worker takes the next job; each modem's reports are applied in order by
 its own task, after the send in progress is recorded, so a quick report never
 misses its part. Outcomes feed ``DeliveryStats`` (per-SIM recent window,
 shown in ``status()``); messages without a final report after
-``report_timeout`` become "unknown".
+``report_timeout`` become "unknown". Each final state goes to ``on_delivery``
+(the daemon publishes it on the brokers' status topics).
+
+SIMs the network filters (``sim_health.HealthPolicy``, the ``[sms] filter_*``
+keys): after each final outcome the SIM is judged against the other SIMs in
+rotation; a filtered SIM takes no work (and does not count in ``capacity()``)
+except one probe message at a time when its probe is due, and it still sends
+when no SIM in rotation can (never the only SIM stopped for good). A SIM that
+looks filtered with no other SIM to take over keeps sending, flagged.
 """
 
 from __future__ import annotations
@@ -45,8 +53,15 @@ from otpd.channels.sms.modem import (
 from otpd.channels.sms.pdu import MessageTooLong, StatusReport
 from otpd.channels.sms.quota import QuotaError, SimQuota
 from otpd.channels.sms.replies import signal_report
-from otpd.channels.sms.reports import PartReport, ReportStore, ReportStoreError, SentPart
+from otpd.channels.sms.reports import (
+    DeliveryEvent,
+    PartReport,
+    ReportStore,
+    ReportStoreError,
+    SentPart,
+)
 from otpd.channels.sms.settings import ModemSettings, SmsSettings
+from otpd.channels.sms.sim_health import Change, Counts, Health, HealthPolicy
 from otpd.delivery.channel import (
     Capacity,
     Delivered,
@@ -106,6 +121,8 @@ class _Slot:
         self.report_queue: asyncio.Queue[tuple[StatusReport, float]] = asyncio.Queue()
         self.parts_recorded = asyncio.Event()
         self.parts_recorded.set()
+        self.probe_job: int | None = None  # the job taken as this SIM's probe
+        self.probe_tracked = False  # its parts were recorded: its report can come
 
     @property
     def sim(self) -> str:
@@ -137,10 +154,14 @@ class ModemPool:
         on_incoming: Callable[[IncomingSms], None] | None = None,
         quota: SimQuota | None = None,
         reports: ReportStore | None = None,
+        on_delivery: Callable[[DeliveryEvent], None] | None = None,
     ) -> None:
         self.quota = quota
         self.reports = reports
         self.delivery = DeliveryStats(settings.delivery_window)
+        self.health = HealthPolicy(settings.health)
+        # Called (synchronously; it must not block) for every final delivery state.
+        self.on_delivery = on_delivery
         self.settings = settings
         self.country_code = country_code
         self.clock = clock
@@ -192,10 +213,15 @@ class ModemPool:
         modems = []
         for slot in self._slots:
             info = slot.modem.info
+            health = self.health.get(slot.sim) if slot.state in _USABLE else None
             modems.append({
                 "name": slot.name,
                 "port": slot.settings.port,
-                "state": str(slot.state),
+                "state": self._shown_state(slot),
+                # Why it is out of rotation (or flagged), with the numbers it was judged on.
+                "state_reason": health.reason if health is not None and
+                health.state is not Health.OK else "",
+                "health": health.as_dict() if health is not None else None,
                 "manufacturer": info.manufacturer,
                 "model": info.model,
                 "imei": info.imei,
@@ -211,7 +237,19 @@ class ModemPool:
                 "sim": slot.sim,
                 "delivery": self.delivery.recent(slot.sim, self.clock()),
             })
-        return {"modems": modems, **self._delivery_status()}
+        return {"modems": modems, "sim_health": self.health.snapshot(),
+                **self._delivery_status()}
+
+    def _shown_state(self, slot: _Slot) -> str:
+        """The modem's state; ``filtered`` while it is up but out of rotation
+        (``flagged``: it looks filtered and keeps sending, no other SIM can)."""
+        if slot.state in _USABLE:
+            health = self.health.state(slot.sim)
+            if health.out and not self._in_rotation(slot):
+                return "filtered"
+            if health is Health.FLAGGED or health.out:  # out, but sending: nothing else can
+                return "flagged"
+        return str(slot.state)
 
     def _delivery_status(self) -> dict[str, Any]:
         """Per-SIM recent outcomes, and the running totals /metrics exports."""
@@ -242,6 +280,8 @@ class ModemPool:
             now = time.monotonic()
             if any(s.state in _USABLE and s.quota_until > now for s in enabled):
                 reason = "every usable SIM is at its SMS cap"
+            elif any(s.state in _USABLE for s in enabled):
+                reason = "every usable SIM is filtered by the network (probing)"
             elif all(s.state is State.STARTING for s in enabled):
                 reason = "modems starting"
             else:
@@ -253,9 +293,14 @@ class ModemPool:
         """For the one-line service status, e.g. ``2/3 modems ready`` ("" = no modem)."""
         if not self._slots:
             return ""
-        ready = sum(1 for s in self._slots if s.state in _USABLE)
+        ready = sum(1 for s in self._slots if s.state in _USABLE and self._in_rotation(s))
         noun = "modem" if len(self._slots) == 1 else "modems"
-        return f"{ready}/{len(self._slots)} {noun} ready"
+        filtered = sum(1 for s in self._slots if s.state in _USABLE and not self._in_rotation(s))
+        flagged = sum(1 for s in self._slots if s.state in _USABLE and self._in_rotation(s)
+                      and self.health.state(s.sim) is not Health.OK)
+        return (f"{ready}/{len(self._slots)} {noun} ready"
+                + (f", {filtered} filtered" if filtered else "")
+                + (f", {flagged} flagged" if flagged else ""))
 
     async def ussd(self, modem_id: str, ussd_code: str) -> dict[str, Any]:
         """Run a USSD code on the named modem (OTP-Pi's request-ussd)."""
@@ -283,12 +328,27 @@ class ModemPool:
         except InvalidReceiver:
             return job.receiver
 
-    def _can_send(self, slot: _Slot) -> bool:
+    @staticmethod
+    def _up(slot: _Slot) -> bool:
+        """Up and under its SIM cap, whatever its delivery record."""
         return slot.state in _USABLE and slot.quota_until <= time.monotonic()
+
+    def _in_rotation(self, slot: _Slot) -> bool:
+        """Not filtered, or filtered but no SIM in rotation can send (a Pi whose
+        other modems are down still sends through the one it has)."""
+        if not self.health.state(slot.sim).out:
+            return True
+        return not any(s is not slot and self._up(s) and not self.health.state(s.sim).out
+                       for s in self._slots)
+
+    def _can_send(self, slot: _Slot) -> bool:
+        return self._up(slot) and self._in_rotation(slot)
 
     def _accept(self, slot: _Slot, job: Job) -> bool:
         if slot.state is not State.READY or slot.quota_until > time.monotonic():
             return False
+        if not self._in_rotation(slot):
+            return self._accept_probe(slot, job)
         usable = [s for s in self._slots if self._can_send(s)]
         tried = self._failed_by.get(job.id, set())
         untried = [s for s in usable if s.name not in tried]
@@ -298,6 +358,23 @@ class ModemPool:
         receiver = self._receiver(job)
         best = max((s.prefix_match(receiver) for s in candidates), default=0)
         return best == 0 or slot.prefix_match(receiver) == best
+
+    def _accept_probe(self, slot: _Slot, job: Job) -> bool:
+        """A filtered SIM takes one message when its probe is due: one its
+        prefixes suit as well as any SIM's in rotation, not one it failed."""
+        if slot.probe_job is not None or not self.health.probe_due(slot.sim, self.clock()):
+            return False
+        if slot.name in self._failed_by.get(job.id, set()):
+            return False
+        receiver = self._receiver(job)
+        best = max((s.prefix_match(receiver) for s in self._slots if self._can_send(s)),
+                   default=0)
+        if slot.prefix_match(receiver) < best:
+            return False
+        slot.probe_job = job.id
+        slot.probe_tracked = False
+        self._health_changed(slot, self.health.probe_started(slot.sim, self.clock()))
+        return True
 
     def _wake(self) -> None:
         if self._source is not None:
@@ -347,6 +424,7 @@ class ModemPool:
                      info.manufacturer, info.model, info.operator, info.csq)
             await self._check_quota(slot)
             self._set_state(slot, State.READY)
+            self._judge(slot, self.clock())  # its SIM is known now (a restart reloaded its record)
             reason = await self._watch(slot)
             slot.last_error = reason
             log.warning("modem %s taken out of rotation: %s", slot.name, reason)
@@ -459,10 +537,11 @@ class ModemPool:
         slot.report_queue.put_nowait((report, self.clock()))
 
     async def _record_parts(self, slot: _Slot, job: Job, receiver: str, refs: list[int]
-                            ) -> None:
-        """Keep what a report will be matched with (not when the modem gave no MR)."""
+                            ) -> bool:
+        """Keep what a report will be matched with (not when the modem gave no MR);
+        True when recorded."""
         if self.reports is None or not slot.modem.reports or not refs or min(refs) < 0:
-            return
+            return False
         now = self.clock()
         parts = [SentPart(job.id, i, len(refs), slot.name, slot.sim, mr, receiver, now)
                  for i, mr in enumerate(refs, start=1)]
@@ -471,6 +550,8 @@ class ModemPool:
         except ReportStoreError as exc:
             log.error("modem %s: cannot record the parts of message %d for delivery"
                       " reports: %s", slot.name, job.id, exc)
+            return False
+        return True
 
     async def _apply_reports(self, slot: _Slot) -> None:
         while True:
@@ -499,8 +580,10 @@ class ModemPool:
                      slot.name, report.reference, mask(report.recipient))
             return
         if match.became_final:
-            seconds = at - match.first_sent_at if match.delivery is Delivery.DELIVERED else None
-            self.delivery.outcome(match.modem, match.sim, match.delivery, at, seconds)
+            delivered = match.delivery is Delivery.DELIVERED
+            self._final(DeliveryEvent(
+                match.message_id, match.modem, match.sim, match.delivery, match.first_sent_at,
+                at, report.discharged.timestamp() if delivered else None))
             log.info("message %d %s (%s, TP-ST 0x%02X: %s)", match.message_id, match.delivery,
                      slot.name, report.status, report.meaning)
 
@@ -517,10 +600,68 @@ class ModemPool:
             now = self.clock()
             try:
                 for item in await self.reports.expire(now - timeout, now):
-                    self.delivery.outcome(item.modem, item.sim, Delivery.UNKNOWN, now)
+                    self._final(DeliveryEvent(item.message_id, item.modem, item.sim,
+                                              Delivery.UNKNOWN, item.sent_at, now))
             except ReportStoreError as exc:
                 log.error("cannot mark unreported messages: %s", exc)
             await asyncio.sleep(min(60.0, max(timeout / 4, 0.05)))
+
+    def _final(self, event: DeliveryEvent) -> None:
+        """A message became final: statistics, the SIM's standing, the status event."""
+        seconds = (event.at - event.sent_at if event.delivery is Delivery.DELIVERED else None)
+        self.delivery.outcome(event.modem, event.sim, event.delivery, event.at, seconds)
+        slot = self._slot_of(event.sim)
+        change = self.health.outcome(event.sim, event.message_id,
+                                     event.delivery is Delivery.DELIVERED, event.at)
+        self._health_changed(slot, change)
+        if slot is not None:
+            self._judge(slot, event.at)
+        if self.on_delivery is not None:
+            try:
+                self.on_delivery(event)
+            except Exception:  # a bug there must not stop this modem's reports
+                log.exception("message %d: the delivery event failed", event.message_id)
+
+    # --- SIMs the network filters -------------------------------------------------------
+
+    def _slot_of(self, sim: str) -> _Slot | None:
+        return next((s for s in self._slots if s.sim == sim), None)
+
+    def _counts(self, slot: _Slot, now: float) -> Counts:
+        since = self.health.get(slot.sim).since
+        return Counts(*self.delivery.counts_since(slot.sim, since, now))
+
+    def _judge(self, slot: _Slot, now: float) -> None:
+        if not slot.settings.enabled or slot.state not in _USABLE:
+            return
+        in_rotation = [s for s in self._slots if s is not slot and s.settings.enabled
+                       and s.state in _USABLE and not self.health.state(s.sim).out]
+        others = sum((self._counts(s, now) for s in in_rotation), Counts())
+        can_leave = any(self._up(s) for s in in_rotation)
+        change = self.health.judge(slot.sim, self._counts(slot, now), others,
+                                   can_leave=can_leave, now=now)
+        self._health_changed(slot, change)
+
+    def _health_changed(self, slot: _Slot | None, change: Change | None) -> None:
+        if change is None:
+            return
+        name = slot.name if slot is not None else "?"
+        if change.after is Health.FLAGGED:
+            # The one alert a one-SIM Pi gets: its only SIM keeps sending.
+            log.error("modem %s: SIM %s %s", name, change.sim, change.reason)
+        elif change.after is Health.FILTERED and change.before is not Health.PROBING:
+            log.warning("modem %s: SIM %s taken out of rotation, %s", name, change.sim,
+                        change.reason)
+        elif change.after is Health.OK:
+            log.warning("modem %s: SIM %s %s", name, change.sim, change.reason)
+        else:
+            log.info("modem %s: SIM %s %s", name, change.sim, change.reason)
+        self._wake()  # the accept filters changed
+        probe_at = self.health.next_probe(change.sim)
+        if probe_at is not None:
+            # Wake the workers when the probe is due (the filters read the clock).
+            asyncio.get_running_loop().call_later(max(probe_at - self.clock(), 0.0) + 0.01,
+                                                  self._wake)
 
     # --- worker --------------------------------------------------------------------
 
@@ -534,6 +675,8 @@ class ModemPool:
             slot.parts_recorded.clear()  # reports wait until this send's parts are known
             try:
                 outcome = await self._deliver(slot, job)
+                if slot.probe_job == job.id:
+                    self._probe_done(slot, job, outcome)
             finally:
                 slot.parts_recorded.set()
             if isinstance(outcome, Delivered | Failed):
@@ -547,6 +690,17 @@ class ModemPool:
             self._recording.add(recording)
             recording.add_done_callback(self._recording.discard)
             raise_if_cancel_requested()  # a stop request a library call swallowed
+
+    def _probe_done(self, slot: _Slot, job: Job, outcome: Outcome) -> None:
+        """Before its report can be applied: the probe's outcome is awaited, or
+        (not sent, or no report can come) it is due again."""
+        slot.probe_job = None
+        if isinstance(outcome, Delivered) and slot.probe_tracked:
+            self.health.probe_sent(slot.sim, job.id)
+            log.info("modem %s: probe message %d sent; back in rotation once delivered",
+                     slot.name, job.id)
+        else:
+            self._health_changed(slot, self.health.probe_aborted(slot.sim, self.clock()))
 
     @staticmethod
     async def _record(slot: _Slot, source: WorkSource, job: Job, outcome: Outcome) -> None:
@@ -595,7 +749,9 @@ class ModemPool:
                 slot.state = State.READY
         slot.sent += 1
         slot.consecutive_failures = 0
-        await self._record_parts(slot, job, receiver, refs)
+        tracked = await self._record_parts(slot, job, receiver, refs)
+        if slot.probe_job == job.id:
+            slot.probe_tracked = tracked
         await self._count_parts(slot, len(refs))
         return Delivered(via=slot.name, detail="mr=" + ",".join(map(str, refs)))
 

@@ -94,3 +94,16 @@ class ReportStore(Protocol):
         """Final delivery states reached since ``since`` (the status window after
         a restart)."""
         ...
+
+
+@dataclass(frozen=True)
+class DeliveryEvent:
+    """A sent SMS reached a final delivery state (the pool's ``on_delivery``)."""
+
+    message_id: int
+    modem: str  # the modem that sent it
+    sim: str
+    delivery: Delivery  # delivered | undeliverable | unknown
+    sent_at: float  # its first part's hand-off (wall clock)
+    at: float  # when the report arrived, or when it was given up as unknown
+    delivered_at: float | None = None  # the SC's discharge time of the last part delivered

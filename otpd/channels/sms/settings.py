@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from otpd.channels.sms.at import AtSyntaxError, check_command
+from otpd.channels.sms.sim_health import HealthSettings
 from otpd.msisdn import InvalidReceiver, canonical_prefix
 from otpd.settings_reader import Section
 
@@ -48,6 +49,8 @@ class SmsSettings:
     idle_sweep_delay: float = 2.0
     report_timeout: float = 3600.0  # s without a final report before delivery is "unknown"
     delivery_window: float = 21600.0  # s of outcomes in each SIM's recent delivery statistics
+    # When a SIM the network seems to filter leaves the rotation (the filter_* keys).
+    health: HealthSettings = field(default_factory=HealthSettings)
 
 
 def parse_sms_settings(
@@ -80,9 +83,30 @@ def parse_sms_settings(
         cpin_grace=sms.float("cpin_grace", 2.0, min=0.05, max=30.0),
         report_timeout=sms.float("report_timeout", 3600.0, min=1.0, max=7 * 86400.0),
         delivery_window=sms.float("delivery_window", 21600.0, min=60.0, max=30 * 86400.0),
+        health=_health(sms),
     )
     sms.finish()
     return result
+
+
+def _health(sms: Section) -> HealthSettings:
+    d = HealthSettings()
+    probe = sms.float("filter_probe_interval", d.probe_interval, min=1.0, max=7 * 86400.0)
+    max_probe = sms.float("filter_max_probe_interval", d.max_probe_interval, min=1.0,
+                          max=30 * 86400.0)
+    if max_probe < probe:
+        sms.error("filter_max_probe_interval", "must be >= filter_probe_interval")
+        max_probe = probe
+    return HealthSettings(
+        enabled=sms.bool("filter_check", d.enabled),
+        # Fewer than 5 outcomes is noise: a few wrong numbers would filter a good SIM.
+        min_sample=sms.int("filter_min_sample", d.min_sample, min=5, max=100_000),
+        relative=sms.float("filter_relative", d.relative, min=0.0, max=1.0),
+        floor=sms.float("filter_floor", d.floor, min=0.0, max=1.0),
+        probe_interval=probe,
+        max_probe_interval=max_probe,
+        recover_probes=sms.int("filter_recover_probes", d.recover_probes, min=1, max=100),
+    )
 
 
 def _delivery_reports(section: Section) -> bool:
