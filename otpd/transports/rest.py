@@ -224,7 +224,7 @@ class RestApi:
         if request.content_type != "application/x-www-form-urlencoded":
             return _page(render_refusal("Bad request", "expected a form"), 400)
         form = await request.post()
-        token, action, receiver = (form.get("csrf"), form.get("action"), form.get("receiver"))
+        token, action, receiver = (form.get("csrf"), form.get("op"), form.get("receiver"))
         if not isinstance(token, str) or not csrf.token_valid(
                 self._csrf_key, user, token, self.service.clock()):
             log.warning("status page: refused a POST by %s without a valid CSRF token", user)

@@ -280,7 +280,8 @@ def _forms(viewer: Viewer) -> str:
         out.append(
             f'<form method="post" action="{STATUS_PATH}" id="{action}-form">'
             f'<input type="hidden" name="csrf" value="{e(viewer.token)}">'
-            f'<input type="hidden" name="action" value="{action}">'
+            # "op", not "action": an input named "action" would shadow form.action.
+            f'<input type="hidden" name="op" value="{action}">'
             f'<label>{label} <input type="text" name="receiver" required maxlength="320"'
             f' autocomplete="off" placeholder="+62812... or name@example.org"></label> '
             f'<button type="submit">{label}</button></form>')
