@@ -35,7 +35,11 @@ def parse_metrics_settings(s: Section) -> MetricsSettings:
     s.finish()
     return out
 
-_MODEM_STATES = ("starting", "ready", "busy", "down", "failed", "disabled")
+# "filtered": up but out of rotation (the network seems to filter its SIM);
+# "flagged": looks filtered but keeps sending (no other SIM can take over).
+_MODEM_STATES = ("starting", "ready", "busy", "down", "failed", "disabled", "filtered",
+                 "flagged")
+_SIM_HEALTH = ("ok", "flagged", "filtered", "probing")
 
 
 class StateCollector(Collector):
@@ -67,7 +71,7 @@ class StateCollector(Collector):
         for m in modems:
             name = str(m.get("name", "?"))
             current = m.get("state", "")
-            up.add_metric([name], 1.0 if current in ("ready", "busy") else 0.0)
+            up.add_metric([name], 1.0 if current in ("ready", "busy", "flagged") else 0.0)
             for s in _MODEM_STATES:
                 state.add_metric([name, s], 1.0 if s == current else 0.0)
             dbm = (m.get("signal") or {}).get("rssi_dbm")
@@ -186,6 +190,17 @@ def _delivery_metrics(sms: dict[str, Any]) -> Iterator[Metric]:
         for state in ("delivered", "undeliverable", "unknown"):
             recent.add_metric([sim, state], float(counts.get(state, 0)))
     yield from (reports, deliveries, unmatched, seconds, ratio, recent)
+    health = GaugeMetricFamily("otpd_sim_health", "The SIM's standing by its delivery record"
+                               " (1 for the current one: ok, flagged, filtered, probing)",
+                               labels=["sim", "state"])
+    filtered = CounterMetricFamily("otpd_sim_filtered", "Times the SIM was taken out of"
+                                   " rotation or flagged as filtered, since start",
+                                   labels=["sim"])
+    for sim, h in sms.get("sim_health", {}).items():
+        for state in _SIM_HEALTH:
+            health.add_metric([sim, state], 1.0 if h.get("state") == state else 0.0)
+        filtered.add_metric([sim], float(h.get("filtered_count", 0)))
+    yield from (health, filtered)
 
 
 class Metrics:

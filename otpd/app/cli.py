@@ -159,6 +159,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               f" ({signal.get('condition', '?')}), sent {m.get('sent', 0)},"
               f" failed {m.get('failed', 0)}, delivery reports {m.get('delivery_reports', '?')}"
               + _recent_delivery(m.get("delivery"), st)
+              # Filtered (out of rotation) or flagged: why, with the numbers.
+              + (f"; SIM {m['state_reason']}" if m.get("state_reason") else "")
               + (f", last error: {m['last_error']}" if m.get("last_error") else ""))
     for a in st.get("channels", {}).get("email", {}).get("accounts", []):
         print(smtp_status_line(a))

@@ -213,7 +213,8 @@ class HealthPolicy:
         if h.state is not Health.PROBING:
             return None
         h.probe_at = now
-        return self._set(h, sim, Health.FILTERED, now, h.reason.replace("probing", "filtered"))
+        return self._set(h, sim, Health.FILTERED, now,
+                         "filtered: the probe message was not sent; another when one comes")
 
     def outcome(self, sim: str, message_id: int, delivered: bool, now: float) -> Change | None:
         """A message of the SIM became final: the probe's result, if it was the probe."""

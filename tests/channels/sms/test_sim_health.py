@@ -18,7 +18,7 @@ GOOD = Counts(95, 100)
 
 
 def policy(**kw: object) -> HealthPolicy:
-    return HealthPolicy(HealthSettings(**{**SETTINGS.__dict__, **kw}))  # type: ignore[arg-type]
+    return HealthPolicy(HealthSettings(**{**SETTINGS.__dict__, **kw}))
 
 
 def test_no_judgement_before_the_minimum_sample() -> None:
