@@ -51,6 +51,13 @@ Replies (the daemon signs, the publisher checks):
    topic is ignored and it keeps waiting. Replies carry no timestamp: being
    bound to a fresh, never-repeated command signature is what makes them fresh.
 
+Status events (opt-in ``status_topic``; the daemon signs, subscribers check):
+one JSON object per final delivery state (``{"event": "delivery", ...}``),
+``"signature"`` = lowercase hex of ``HMAC-SHA256(key, "otpd-event\n" +
+canonical)``. A third domain: an event never verifies as a command or as a
+reply, and neither of those as an event. Events carry integer times
+(``sent_at``...), so a subscriber can drop stale ones itself.
+
 PHP, for a command::
 
     function ksort_deep(array $a): array {
@@ -91,6 +98,8 @@ NONCE_FIELD = "nonce"
 IN_REPLY_TO_FIELD = "in_reply_to"
 # Prepended to a reply's canonical bytes: never the first byte of a command's.
 REPLY_DOMAIN = b"otpd-reply\n"
+# And to a status event's: neither a command's nor a reply's.
+EVENT_DOMAIN = b"otpd-event\n"
 
 
 class SignatureError(Exception):
@@ -196,3 +205,27 @@ def verify_reply(reply: dict[str, Any], request_signature: str, key: str | bytes
         raise SignatureError("signature: does not match")
     if not hmac.compare_digest(_normalised(bound), _normalised(request_signature)):
         raise SignatureError("in_reply_to: answers another command")
+
+
+def compute_event_signature(event: dict[str, Any], key: str | bytes) -> str:
+    return hmac.new(_key_bytes(key), EVENT_DOMAIN + canonical_bytes(event),
+                    hashlib.sha256).hexdigest()
+
+
+def sign_event(event: dict[str, Any], key: str | bytes) -> dict[str, Any]:
+    """A copy of a status event, signed in the event domain."""
+    signed = {k: v for k, v in event.items() if k != SIGNATURE_FIELD}
+    signed[SIGNATURE_FIELD] = compute_event_signature(signed, key)
+    return signed
+
+
+def verify_event(event: dict[str, Any], key: str | bytes) -> None:
+    """Raise :class:`SignatureError` unless ``event`` is a status event signed
+    with ``key`` (a command's or a reply's signature never verifies here)."""
+    signature = _given_signature(event)
+    try:
+        expected = compute_event_signature(event, key)
+    except (TypeError, ValueError):
+        raise SignatureError("event cannot be canonicalised") from None
+    if not hmac.compare_digest(_normalised(signature), expected.encode("ascii")):
+        raise SignatureError("signature: does not match")

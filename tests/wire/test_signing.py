@@ -17,8 +17,10 @@ from otpd.wire.signing import (
     canonical_bytes,
     replay_key,
     sign,
+    sign_event,
     sign_reply,
     verify,
+    verify_event,
     verify_reply,
 )
 
@@ -121,3 +123,44 @@ def test_a_signed_reply_never_verifies_as_a_command() -> None:
     command = sign({**ENV, IN_REPLY_TO_FIELD: ""}, KEY, now=NOW)
     with pytest.raises(SignatureError, match="does not match"):
         verify_reply(command, "", KEY)
+
+
+EVENT: dict[str, Any] = {"event": "delivery", "id": 7, "reference": "r1",
+                         "receiver": "+*********567", "state": "delivered", "channel": "sms",
+                         "modem": "a", "sent_at": NOW, "delivered_at": NOW + 5,
+                         "reported_at": NOW + 6}
+
+
+def test_event_scheme_is_domain_separated_hmac() -> None:
+    signed = sign_event(EVENT, KEY)
+    expected = hmac.new(KEY.encode(), b"otpd-event\n" + canonical_bytes(EVENT),
+                        hashlib.sha256).hexdigest()
+    assert signed["signature"] == expected and signed == {**EVENT, "signature": expected}
+    verify_event(json.loads(json.dumps(signed)), KEY)  # survives a JSON round trip
+    verify_event({**signed, "signature": expected.upper()}, KEY)
+
+
+def test_event_refused_when_changed_unsigned_or_keyed_otherwise() -> None:
+    signed = sign_event(EVENT, KEY)
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_event({**signed, "state": "undeliverable"}, KEY)
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_event(signed, "other-key")
+    with pytest.raises(SignatureError, match="missing"):
+        verify_event(EVENT, KEY)
+
+
+def test_events_commands_and_replies_never_pass_for_one_another() -> None:
+    # An event shaped like a command (and with a timestamp) is not a command...
+    shaped: dict[str, Any] = {**ENV, "timestamp": NOW, NONCE_FIELD: "n",
+                              IN_REPLY_TO_FIELD: ""}
+    event = sign_event(shaped, KEY)
+    with pytest.raises(SignatureError, match="does not match"):
+        verify(event, KEY, now=NOW)
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_reply(event, "", KEY)
+    # ...and neither a signed command nor a signed reply is an event.
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_event(sign(shaped, KEY, now=NOW), KEY)
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_event(sign_reply(REPLY, "", KEY), KEY)
