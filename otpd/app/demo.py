@@ -62,6 +62,9 @@ def write_demo_config(state: Path, modem_link: Path, smtp_port: int, rest_port: 
         listen = "127.0.0.1:{rest_port}"
         users_file = "{users}"
 
+        [server.grants]
+        {DEMO_USER} = ["status-page"]  # the operator's page at /status
+
         [store]
         path = "{state / 'otpd.db'}"
 
@@ -107,6 +110,8 @@ def _usage(port: int) -> str:
           curl -s {auth} {base}/api/otp -d '{otp}'
           curl -s {auth} {base}/api/otp -d '{verify}'
           curl -s {auth} {base}/api/email -d '{mail}'
+
+        Status page (modems, outbox, chart; block and unblock): {base}/status
 
         SMS show up below as [simulated phone], emails as [mail sink]. Ctrl-C stops.
     """)

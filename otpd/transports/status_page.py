@@ -40,7 +40,8 @@ th{background:#f0f0f0;font-weight:600}td.n{text-align:right}
 .error{background:#fce8e6;border:1px solid #b3261e;padding:.4em .8em;display:inline-block}
 .legend span{display:inline-block;width:.9em;height:.9em;margin:0 .3em 0 1em;vertical-align:-.1em}
 .legend .sent{background:#5b8def}.legend .delivered{background:#2e9e5b}
-form{display:inline-block;margin:0 2em .5em 0}input[type=text]{width:14em}
+.legend .email{background:#b9a3e3}
+form{display:inline-block;margin:0 2em .5em 0}input[type=text]{width:17em}
 svg.bars{vertical-align:middle;margin-right:.4em}
 """.strip()
 _STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
@@ -150,7 +151,8 @@ def _modems(snapshot: Mapping[str, Any]) -> str:
         return "<p class=\"meta\">No modem configured.</p>"
     day = _per_sender(snapshot.get("activity", []), "sms")
     cap = _num(snapshot.get("sim_daily_max"))
-    window_h = _num(sms.get("delivery_window")) / 3600 if sms.get("delivery_window") else 0
+    window = sms.get("delivery_window")
+    window_h = window / 3600 if isinstance(window, int | float) and window > 0 else 0
     rows = []
     for m in modems:
         name = str(m.get("name", "?"))
@@ -184,10 +186,10 @@ def _modems(snapshot: Mapping[str, Any]) -> str:
             f'<td class="n failed">{_num(m.get("failed"))}</td>'
             f'<td class="last-error">{e(m.get("last_error") or "-")}</td>'
             "</tr>")
-    window = f"last {window_h:g} h" if window_h else "recent"
+    span = f"last {window_h:g} h" if window_h else "recent"
     return ('<table id="modems"><thead><tr><th>Modem</th><th>State</th><th>Signal</th>'
             "<th>Operator</th><th>Sent 24 h (SIM cap, parts)</th><th>Delivered 24 h</th>"
-            f"<th>Delivered ({e(window)})</th><th>Sent since start</th>"
+            f"<th>Delivered ({e(span)})</th><th>Sent since start</th>"
             "<th>Failed since start</th><th>Last error</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
 
@@ -198,13 +200,16 @@ def _email(snapshot: Mapping[str, Any]) -> str:
     if not accounts:
         return ""
     rows = []
+    day_sent = _per_sender(snapshot.get("activity", []), "email")
     for a in accounts:
         healthy = bool(a.get("healthy"))
         state = "ok" if healthy else f"resting: {a.get('rest_reason') or '?'}"
         limit = a.get("max_per_day")
+        # The provider cap's own count when it keeps one, else this node's outbox.
         sent_day = a.get("sent_day")
-        day = (f"{_num(sent_day)}" if sent_day is not None else "?") + (
-            f" of {_num(limit)}" if limit else "")
+        if not isinstance(sent_day, int):
+            sent_day = day_sent.get(str(a.get("name") or ""), (0, 0))[0]
+        day = f"{sent_day}" + (f" of {_num(limit)}" if limit else "")
         rows.append(f'<tr class="account" data-name="{e(a.get("name"))}">'
                     f"<td>{e(a.get('name'))}</td>"
                     f'<td class="{"ok" if healthy else "warn"}">{e(state)}</td>'
@@ -318,8 +323,9 @@ def render_page(snapshot: Mapping[str, Any], viewer: Viewer, *, notice: str = ""
         + "<h2>Modems</h2>" + _modems(snapshot)
         + _email(snapshot)
         + "<h2>Sent and delivered, last 24 hours</h2>"
-        + '<p class="legend"><span class="sent"></span>sent'
-          '<span class="delivered"></span>delivered (SMS delivery reports)</p>'
+        + '<p class="legend"><span class="sent"></span>SMS sent'
+          '<span class="delivered"></span>SMS delivered (delivery reports)'
+          '<span class="email"></span>email sent</p>'
         + chart
         + "<h2>Outbox</h2>" + _outbox(snapshot)
         + "<h2>Consumers</h2>" + _consumers(snapshot)
