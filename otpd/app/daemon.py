@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from otpd.aio import STOP_BOUND, bounded, cancel_and_wait, within
@@ -17,6 +17,7 @@ from otpd.app import sdnotify
 from otpd.app.control import ControlServer
 from otpd.app.ddns import DdnsUpdater
 from otpd.app.ddns_settings import DdnsSettings
+from otpd.app.delivery_events import DeliveryEvents
 from otpd.app.settings import Settings, load_settings
 from otpd.app.status_view import StatusView
 from otpd.auth.htpasswd import SALTED_SCHEMES, HtpasswdError, HtpasswdFile
@@ -25,6 +26,7 @@ from otpd.channels.sms.delivery_stats import Delivery
 from otpd.channels.sms.quota import QuotaError
 from otpd.channels.sms.quota import SimQuota as PoolQuota
 from otpd.channels.sms.reports import (
+    DeliveryEvent,
     PartReport,
     RecentOutcome,
     ReportMatch,
@@ -77,6 +79,13 @@ class NoModems:
 
     def summary(self) -> str:
         return ""
+
+
+@runtime_checkable
+class ReportsDeliveries(Protocol):
+    """A channel that says when a sent message reached a final delivery state."""
+
+    on_delivery: Callable[[DeliveryEvent], None] | None
 
 
 @runtime_checkable
@@ -275,6 +284,7 @@ class Daemon:
         # keep the daemon (and its REST API) from starting.
         self.consumers = build_consumers(s.brokers, self.service, s.delivery.wait,
                                          reserved_prefixes=store_key_prefixes(s.store))
+        self._start_delivery_events(channels)
         for consumer in self.consumers:
             if self.shares_work:
                 consumer.attach(self.intake)
@@ -282,6 +292,22 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._purge_loop(), name="purge"))
         await self._apply_ddns(s.ddns)
         self.started.set()
+
+    def _start_delivery_events(self, channels: dict[str, Channel]) -> None:
+        """Status events for the brokers with a ``status_topic``: refused at start
+        when the topic breaks the reply-topic rules (another broker's command topic,
+        the store's key prefix), as a callback topic would be."""
+        assert self.store is not None
+        for consumer in self.consumers:
+            topic = consumer.common.status_topic
+            why = consumer.reply_rules.refusal(topic) if topic else None
+            if why is not None:
+                raise StartupError(f"{consumer.name}.status_topic: {topic!r} {why}")
+        events = DeliveryEvents(self.store, self.consumers)
+        sms = channels.get("sms")
+        if events.wanted and isinstance(sms, ReportsDeliveries):
+            sms.on_delivery = events
+            self._tasks.append(asyncio.create_task(events.run(), name="delivery-events"))
 
     async def _apply_ddns(self, new: DdnsSettings | None) -> None:
         """Start, reconfigure (a reload also clears a badauth/nohost/abuse stop)

@@ -42,6 +42,16 @@ request's signature (:func:`otpd.wire.signing.sign_reply`). A command that
 wants a reply waits up to ``reply_wait`` (default ``delivery.wait``) for the
 send result; one that does not want a reply answers 1111 at once: nobody
 would read more.
+
+Status events (opt-in ``status_topic``): :meth:`Consumer.publish_event` takes
+one event (a final SMS delivery state, built by the daemon), signs it in the
+event domain (:func:`otpd.wire.signing.sign_event`) when the table has a
+``signing_key``, and queues it for a task of its own: it never blocks the
+caller. At most ``MAX_PENDING_EVENTS`` wait (while the broker is down); beyond
+that the oldest are dropped, counted (``events_dropped`` in the status) and
+logged at most once a minute. An event the broker refuses while connected is
+dropped the same way; one whose publish fails because the connection went
+down is kept for the next connection.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -74,6 +85,7 @@ from otpd.wire.signing import (
     SignatureError,
     replay_key,
     sign,
+    sign_event,
     sign_reply,
     verify,
 )
@@ -90,6 +102,10 @@ STABLE_AFTER = 10.0  # s a connection must last before the backoff starts over
 MAX_PENDING_REPLIES = 256
 REFUSAL_LOG_BURST = 10  # refusal lines logged per interval; the rest are counted
 REFUSAL_LOG_INTERVAL = 60.0  # s
+# Status events waiting for the broker; beyond this the oldest are dropped (counted).
+MAX_PENDING_EVENTS = 1000
+EVENT_LOG_INTERVAL = 60.0  # s between two "events dropped" warnings
+EVENT_PUBLISH_TIMEOUT = 30.0  # s one event may take to publish
 
 
 async def _nothing() -> None:
@@ -213,6 +229,15 @@ class Consumer(ABC):
         self._not_taking = ""
         self._handed_back = 0
         self._holding: set[int] = set()  # ids of messages counted in the intake
+        # Status events (status_topic): bodies waiting for the broker, and counts.
+        self._events: deque[bytes] = deque()
+        self._event_waiting = asyncio.Event()
+        self._up = asyncio.Event()  # connected: pending events may go
+        self._event_task: asyncio.Task[None] | None = None
+        self._events_published = 0
+        self._events_dropped = 0
+        self._events_dropped_logged = 0
+        self._event_log_at = -EVENT_LOG_INTERVAL
 
     def attach(self, intake: Intake) -> None:
         """Take work in proportion to the node's capacity (several nodes, one queue)."""
@@ -316,12 +341,61 @@ class Consumer(ABC):
             return False
         return True
 
+    # -- status events -------------------------------------------------------------
+    def publish_event(self, event: dict[str, Any]) -> None:
+        """Queue one status event for ``status_topic`` (no-op without one); never blocks."""
+        topic = self.common.status_topic
+        if not topic or self.reply_rules.refusal(topic) is not None:
+            return  # the daemon refuses to start with such a topic; never written to
+        if self.common.signing_key:
+            event = sign_event(event, self.common.signing_key)
+        body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        if len(self._events) >= MAX_PENDING_EVENTS:
+            self._events.popleft()  # the oldest: the newest say more about now
+            self._event_dropped("the broker is not taking them")
+        self._events.append(body)
+        self._event_waiting.set()
+
+    def _event_dropped(self, why: str) -> None:
+        self._events_dropped += 1
+        now = time.monotonic()
+        if now - self._event_log_at >= EVENT_LOG_INTERVAL:
+            log.warning("%s: status events dropped (%d in all, %d since the last warning): %s",
+                        self.name, self._events_dropped,
+                        self._events_dropped - self._events_dropped_logged, why)
+            self._event_log_at = now
+            self._events_dropped_logged = self._events_dropped
+
+    async def _publish_events(self) -> None:
+        topic = self.common.status_topic
+        while True:
+            while not self._events:
+                self._event_waiting.clear()
+                await self._event_waiting.wait()
+            await self._up.wait()
+            body = self._events[0]
+            try:
+                # Bounded: a broker that hangs must not hold every later event.
+                await within(EVENT_PUBLISH_TIMEOUT, self.publish_reply(topic, body, None, True))
+            except Exception as exc:
+                if not self._connected:
+                    continue  # kept for the next connection (the session noted why)
+                self._events.popleft()
+                self._note_error(exc)
+                self._event_dropped(self._describe(exc))
+                continue
+            self._events.popleft()
+            self._events_published += 1
+
     # -- life cycle ------------------------------------------------------------
     async def start(self) -> None:
         if self._task is None:
             self._stopping.clear()
             self._since = time.time()
             self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
+            if self.common.status_topic:
+                self._event_task = asyncio.create_task(self._publish_events(),
+                                                       name=f"{self.name}-events")
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """Stop consuming, let in-flight commands finish (up to ``grace`` s), disconnect."""
@@ -339,6 +413,12 @@ class Consumer(ABC):
             # Answers of commands that ran go out if they can within the grace.
             await asyncio.wait(set(self._replies), timeout=min(grace, 2.0))
         await cancel_and_wait(list(self._replies), f"{self.name} replies", log)
+        if self._event_task is not None:
+            await cancel_and_wait([self._event_task], f"{self.name} status events", log)
+            self._event_task = None
+            if self._events:
+                log.info("%s: %d status event(s) not published at stop", self.name,
+                         len(self._events))
         await cancel_and_wait([self._task], self.name, log)
         self._task = None
         log.info("%s: stopped", self.name)
@@ -359,6 +439,10 @@ class Consumer(ABC):
             "not_taking": ("not connected" if not self._connected
                            else "" if self._taking or not gated else self._not_taking),
             "handed_back": self._handed_back,
+            "status_topic": self.common.status_topic,
+            "events_published": self._events_published,
+            "events_pending": len(self._events),
+            "events_dropped": self._events_dropped,
         }
 
     @property
@@ -401,6 +485,10 @@ class Consumer(ABC):
             return
         self._connected = up
         self._since = time.time()
+        if up:
+            self._up.set()
+        else:
+            self._up.clear()
         if up:
             self._connected_at = time.monotonic()
             log.info("%s: connected%s", self.name, f" ({detail})" if detail else "")

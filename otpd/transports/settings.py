@@ -12,7 +12,10 @@ before a command the store could not take is handed back for redelivery),
 ``reply_wait`` (seconds to wait for the send result when a reply is wanted;
 default ``delivery.wait``), ``require_signature`` (false) and ``signing_key``
 (a secret: inline, ``signing_key_file`` or ``signing_key_env``), ``tls_ca``
-(a CA bundle for a private CA; "" = system store).
+(a CA bundle for a private CA; "" = system store), ``status_topic`` ("" =
+off; set: one JSON event per final SMS delivery state is published there,
+signed in the event domain with ``signing_key`` when there is one; it must
+pass the reply-topic rules of otpd.wire.reply_topics).
 
 Per broker: ``[amqp] url`` (a secret: may carry the password; ``url_file`` /
 ``url_env`` work), ``heartbeat``. ``[redis] url`` (secret), ``username``,
@@ -62,6 +65,7 @@ from otpd.grants import (
 from otpd.netutil import is_loopback
 from otpd.settings_reader import Section
 from otpd.wire.brokers import DEFAULT_TOPIC
+from otpd.wire.reply_topics import ReplyTopicRules
 
 MAX_TOPIC_CHARS = 255
 MIN_SIGNING_KEY_BYTES = 32
@@ -185,6 +189,7 @@ class Common:
     signing_key: str = field(default="", repr=False)
     tls_ca: str = ""
     grants: Grants = field(default_factory=Grants)  # what this broker's commands may do
+    status_topic: str = ""  # "": no status events; else where delivery events go
 
 
 @dataclass(frozen=True)
@@ -286,6 +291,14 @@ def _common(s: Section) -> Common:
                                " `openssl rand -hex 32`)")
     tls_ca = s.str("tls_ca", "")
     grants = Grants(_grant_names(s, "grants"), _ussd_allow(s), s.key("grants"))
+    status_topic = s.str("status_topic", "")
+    if status_topic:
+        # Written to like a callback topic: the same rules (the other brokers' command
+        # topics and the store's key prefix are checked when the daemon starts).
+        why = ReplyTopicRules.build([topic], []).refusal(status_topic)
+        if why is not None:
+            s.error("status_topic", why)
+            status_topic = ""
     return Common(
         topic=topic,
         enabled=s.bool("enabled", True),
@@ -299,6 +312,7 @@ def _common(s: Section) -> Common:
         signing_key=key,
         tls_ca=tls_ca,
         grants=grants,
+        status_topic=status_topic,
     )
 
 
