@@ -203,6 +203,23 @@ def test_security_headers(served: Served) -> None:
     assert '<meta http-equiv="refresh" content="10; url=/status">' in page.text
 
 
+def _wait_for_url(browser: WebDriver, url: str) -> None:
+    """A click returns before the page it submits has loaded."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 10).until(expected_conditions.url_to_be(url))
+    WebDriverWait(browser, 10).until(
+        lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def _wait_for(browser: WebDriver, by: str, value: str) -> None:
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 10).until(expected_conditions.presence_of_element_located((by, value)))
+
+
 def test_block_and_unblock_through_the_page(served: Served, browser: WebDriver) -> None:
     from selenium.webdriver.common.by import By
 
@@ -212,20 +229,21 @@ def test_block_and_unblock_through_the_page(served: Served, browser: WebDriver) 
     form = browser.find_element(By.ID, "block-form")
     form.find_element(By.NAME, "receiver").send_keys(number)
     form.find_element(By.TAG_NAME, "button").click()
-    assert browser.current_url == served.base + "/status?done=blocked"
+    _wait_for_url(browser, served.base + "/status?done=blocked")
     assert browser.find_element(By.ID, "notice").text == "Receiver blocked."
     assert served.is_blocked("+6281299990001")
 
     form = browser.find_element(By.ID, "unblock-form")
     form.find_element(By.NAME, "receiver").send_keys("+62 812 9999 0001")
     form.find_element(By.TAG_NAME, "button").click()
-    assert browser.current_url == served.base + "/status?done=unblocked"
+    _wait_for_url(browser, served.base + "/status?done=unblocked")
     assert not served.is_blocked("+6281299990001")
 
     # A receiver that is not one: the page says why, nothing changes.
     form = browser.find_element(By.ID, "block-form")
     form.find_element(By.NAME, "receiver").send_keys("<b>not a number</b>")
     form.find_element(By.TAG_NAME, "button").click()
+    _wait_for(browser, By.ID, "error")
     assert browser.find_element(By.ID, "error").text.startswith("block: receiver must be")
     assert browser.find_element(By.ID, "modems")  # the whole page, with the reason
 
@@ -267,6 +285,7 @@ def test_cross_origin_form_is_refused(served: Served, browser: WebDriver) -> Non
         # "localhost" is another origin than "127.0.0.1".
         browser.get(f"http://localhost:{port}/")
         browser.find_element(By.ID, "go").click()
+        _wait_for_url(browser, served.base + "/status")
         assert browser.find_element(By.TAG_NAME, "h1").text == "Forbidden"
         assert "cross-origin" in browser.find_element(By.TAG_NAME, "body").text
     finally:
