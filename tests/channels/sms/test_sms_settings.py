@@ -92,3 +92,22 @@ def test_duplicate_names_and_unknown_sms_key() -> None:
 def test_no_modems() -> None:
     settings, errors = parse({})
     assert settings == SmsSettings() and errors == []
+
+
+def test_filter_keys() -> None:
+    from otpd.channels.sms.sim_health import HealthSettings
+
+    s, errors = parse({"sms": {}})
+    assert not errors and s.health == HealthSettings()
+    assert s.health.enabled and s.health.min_sample == 20 and s.health.recover_probes == 2
+    s, errors = parse({"sms": {"filter_check": False, "filter_min_sample": 50,
+                               "filter_relative": 0.3, "filter_floor": 0.1,
+                               "filter_probe_interval": 60, "filter_max_probe_interval": 600,
+                               "filter_recover_probes": 3}})
+    assert not errors
+    assert s.health == HealthSettings(False, 50, 0.3, 0.1, 60.0, 600.0, 3)
+    _, errors = parse({"sms": {"filter_min_sample": 1, "filter_relative": 2,
+                               "filter_probe_interval": 600, "filter_max_probe_interval": 60}})
+    assert any("sms.filter_min_sample" in e for e in errors)
+    assert any("sms.filter_relative" in e for e in errors)
+    assert any("sms.filter_max_probe_interval: must be >=" in e for e in errors)
