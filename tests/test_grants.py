@@ -30,7 +30,7 @@ from otpd.wire.protocol import COMMAND_NAMES
 def test_every_command_has_a_grant_and_operational_ones_are_not_default() -> None:
     assert {grant_for(name) for name in COMMAND_NAMES} == set(COMMAND_GRANTS)
     expected = {"request-otp", "verify-otp", "send-sms", "send-email", "send-message",
-                "block-msisdn", "unblock-msisdn", "echo"}
+                "block-msisdn", "unblock-msisdn", "echo", "handover"}
     assert expected == DEFAULT_GRANTS
     assert Grants().names == DEFAULT_GRANTS
     assert Grants().allows("send-mail") and not Grants().allows("request-ussd")
