@@ -226,8 +226,9 @@ class Service:
                 status = self.channels["sms"].status()
                 modems = {m.get("name", str(i)): m for i, m in enumerate(status.get("modems", []))}
                 if not grants.allows(MODEM_IDENTITY):
-                    # IMSI, IMEI and the like identify the SIM and the handset.
-                    modems = without_identity(modems)
+                    # IMSI, IMEI and the like identify the SIM and the handset. Per
+                    # modem: a modem may be named like a field ("sim", "port").
+                    modems = {n: without_identity(m) for n, m in modems.items()}
                 return Response(name, Code.SUCCESS, {"modem_list": modems})
             case RequestUssd():
                 return await self._ussd(name, cmd, grants, client)
