@@ -262,12 +262,21 @@ def parse_broker_settings(
     root_ws: Section | None,
 ) -> BrokerSettings:
     """Errors go to the sections' shared error list (the caller raises)."""
-    return BrokerSettings(
+    out = BrokerSettings(
         amqp=_amqp(root_amqp) if root_amqp is not None else None,
         redis=_redis(root_redis) if root_redis is not None else None,
         mqtt=_mqtt(root_mqtt) if root_mqtt is not None else None,
         ws=_ws(root_ws) if root_ws is not None else None,
     )
+    # A status topic that is another table's command topic would be read back
+    # as commands there (each table checked its own already).
+    tables = {"amqp": (root_amqp, out.amqp), "redis": (root_redis, out.redis),
+              "mqtt": (root_mqtt, out.mqtt), "ws": (root_ws, out.ws)}
+    commands = {t.common.topic for _, t in tables.values() if t is not None}
+    for section, table in tables.values():
+        if section is not None and table is not None and table.common.status_topic in commands:
+            section.error("status_topic", "is a command topic")
+    return out
 
 
 def _common(s: Section) -> Common:

@@ -109,3 +109,9 @@ def test_mqtt_shared_group() -> None:
         with pytest.raises(ConfigError) as info:
             broker_settings(f'[mqtt]\nshared_group = "{bad}"\n')
         assert info.value.errors[0].startswith("mqtt.shared_group: must be 1..255 printable")
+
+
+def test_a_status_topic_may_not_be_another_tables_command_topic() -> None:
+    with pytest.raises(ConfigError) as info:
+        broker_settings('[redis]\ntopic = "sms"\n[mqtt]\ntopic = "otp"\nstatus_topic = "sms"\n')
+    assert "mqtt.status_topic: is a command topic" in info.value.errors
