@@ -159,6 +159,8 @@ class DeliveryEngine:
         self.admission = admission or AdmissionSettings()
         # Set by the daemon when a broker can take messages back (several nodes).
         self.handover: Handover | None = None
+        # Rows whose hand-over id this node holds (claimed at the start).
+        self._held_ids: set[int] = set()
         self._listeners: list[Callable[[], None]] = []
 
     def listen(self, callback: Callable[[], None]) -> None:
@@ -331,15 +333,18 @@ class DeliveryEngine:
     # -- handing held messages back to the shared queue ---------------------------
     async def _handed_over_before(self, job: Job) -> bool:
         """On resume: killed after publishing a hand-over but before recording it?
-        The shared store knows once another node accepted the copy."""
+        The shared store knows once another node accepted the copy. Otherwise the
+        copy may still be in the queue: its id is held now, so whoever reads it
+        refuses it as a duplicate, and this node sends the message itself."""
         if self.handover is None:
             return False
         try:
-            dup = await self.store.duplicate_of(dedupe_key(job), None)
+            dup = await self.store.claim_id(dedupe_key(job))
         except StoreError as exc:
             log.warning("message %d: cannot tell whether it was handed over: %s", job.id, exc)
             return False
         if dup is None:
+            self._held_ids.add(job.id)
             return False
         await self._record_final(job.id, _HANDED_OVER, job.attempts)
         log.info("message %d to %s: already handed over to another node", job.id,
@@ -380,6 +385,10 @@ class DeliveryEngine:
                     continue  # taken meanwhile
                 queue.jobs.remove(p.job.id)  # no sender takes it while it is published
                 try:
+                    if p.job.id in self._held_ids:
+                        # Held since the restart: let the copy be accepted again.
+                        await self.store.release_id(dedupe_key(p.job))
+                        self._held_ids.discard(p.job.id)
                     published = await self.handover(p.job)
                 except Exception as exc:
                     log.warning("message %d: hand-over failed: %s", p.job.id, exc)

@@ -57,6 +57,12 @@ class EngineIntake:
         if expires_at is None:
             return None
         left = expires_at - self.engine.clock()
+        if admission.late(cap, seen, 0, left, s):
+            # Too late even for an idle node (or expired already): passed on, it
+            # would bounce between the nodes until it expired, ahead of the live
+            # messages the broker redelivers it before. Taken here, it is refused
+            # as expired (1203) or tried, and dropped at its expiry, as on one node.
+            return None
         position = len(queue.jobs) + max(self.storing - 1, 0)
         if admission.late(cap, seen, position, left, s):
             return "its backlog here would send it too late"

@@ -76,6 +76,16 @@ class Store(Protocol):
         """Would a message with this id (or an OTP with this reference) be a duplicate?"""
         ...
 
+    async def claim_id(self, dedupe_key: str) -> Duplicate | None:
+        """Hold a message id, so that from now on a message with it is refused as
+        a duplicate (a hand-over copy that may still be on its way); None: held
+        now; else the message that has it."""
+        ...
+
+    async def release_id(self, dedupe_key: str) -> None:
+        """Let a message id held with :meth:`claim_id` be accepted again."""
+        ...
+
     # SMS delivery reports (local, like the outbox: sent parts and delivery states)
     async def record_sms_parts(self, parts: Sequence[SmsPart]) -> None:
         """The parts of one message, sent asking for status reports; its

@@ -82,6 +82,7 @@ class MessageRow:
     delivery_at: float | None = None  # when ``delivery`` was last set
     delivered_at: float | None = None  # discharge time (the SC's) of the last part delivered
     reported_at: float | None = None  # when the last status report arrived
+    dedupe_key: str | None = None  # "<message id>|<receiver>": one send per id
 
 
 @dataclass(frozen=True)

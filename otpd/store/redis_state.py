@@ -8,7 +8,9 @@ own durable SQLite outbox, so a Redis outage never loses accepted work.
 
 Keys (``prefix`` default ``otpd:``):
   ``otp:<reference>``  hash: receiver, salt, digest, expires_at, attempts, state
-  ``id:<dedupe key>``  JSON of the first message's state and code
+  ``id:<dedupe key>``  JSON of the first message's state and code (and, while
+                       pending, the outbox row holding it: claimed after the
+                       row is stored)
   ``blocklist``        set of canonical receivers
   ``rate:<key>``       sorted set of hits (score = time)
   ``seen:<key>``       hash: state (pending | settled), holder, expires_at; the
@@ -154,6 +156,17 @@ return 0
 """
 
 
+# KEYS[1] id key; ARGV[1] the holder of a claim_id. Deleted only while so held:
+# a message stored with the id since then keeps it.
+_RELEASE_ID = """
+local raw = redis.call('GET', KEYS[1])
+if raw and cjson.decode(raw)['row'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# The "row" of an id held by claim_id rather than by a stored message.
+_HELD = "held"
+
+
 class RedisSharedStore:
     def __init__(self, outbox: SqliteStore, client: aioredis.Redis, prefix: str,
                  expired_grace: float, retention: float) -> None:
@@ -169,6 +182,7 @@ class RedisSharedStore:
         self._claim_command = client.register_script(_CLAIM_COMMAND)
         self._settle_command = client.register_script(_SETTLE_COMMAND)
         self._release_command = client.register_script(_RELEASE_COMMAND)
+        self._release_id = client.register_script(_RELEASE_ID)
 
     @classmethod
     async def open(cls, path: Path, url: str, prefix: str, expired_grace: float,
@@ -230,24 +244,41 @@ class RedisSharedStore:
             ))
             if not created:
                 return Duplicate(kind="reference")
-        if id_key is not None:
-            first = json.dumps({"state": "pending", "code": None})
-            claimed = await self._call(
-                self.redis.set(id_key, first, nx=True, ex=int(self.retention)))
-            if not claimed:
-                if otp_key is not None:
-                    await self._call(self.redis.delete(otp_key))
-                raw = await self._call(self.redis.get(id_key))
-                info = json.loads(raw) if raw else {}
-                return Duplicate(kind="id", state=info.get("state"), code=info.get("code"))
+        # The local row first, then the shared id claim naming it: a kill between
+        # the two leaves a row whose claim is missing (settled at the restart, see
+        # pending_messages), never a claim without a row, which would have every
+        # node refuse the broker's redelivery as a duplicate of a message nobody holds.
         try:
-            return await self.outbox.insert_message(msg, None)
+            inserted = await self.outbox.insert_message(msg, None)
         except StoreError:
-            # Not stored here: release the claims so the client can retry.
-            keys = [k for k in (otp_key, id_key) if k is not None]
-            if keys:
-                await self._call(self.redis.delete(*keys))
+            if otp_key is not None:  # not stored here: the client may retry
+                await self._call(self.redis.delete(otp_key))
             raise
+        if isinstance(inserted, Duplicate) or id_key is None:
+            if isinstance(inserted, Duplicate) and otp_key is not None:
+                await self._call(self.redis.delete(otp_key))
+            return inserted
+        owner = _owner(inserted.id, msg.created_at)
+        try:
+            claimed = await self._call(self.redis.set(
+                id_key, json.dumps({"state": "pending", "code": None, "row": owner}),
+                nx=True, ex=int(self.retention)))
+            if claimed:
+                return inserted
+            raw = await self._call(self.redis.get(id_key))
+        except StoreError:
+            await self._undo(inserted.id, otp_key)
+            raise
+        # Another node accepted this id first: this copy is a duplicate.
+        await self._undo(inserted.id, otp_key)
+        info = json.loads(raw) if raw else {}
+        return Duplicate(kind="id", state=info.get("state"), code=info.get("code"))
+
+    async def _undo(self, message_id: int, otp_key: str | None) -> None:
+        """Forget a row whose id another node holds (or whose claim failed)."""
+        await self.outbox.discard_message(message_id)
+        if otp_key is not None:
+            await self._call(self.redis.delete(otp_key))
 
     async def duplicate_of(self, dedupe_key: str | None, reference: str | None
                            ) -> Duplicate | None:
@@ -261,8 +292,54 @@ class RedisSharedStore:
                 return Duplicate(kind="id", state=info.get("state"), code=info.get("code"))
         return None
 
+    async def claim_id(self, dedupe_key: str) -> Duplicate | None:
+        id_key = self._key("id", dedupe_key)
+        held = json.dumps({"state": "pending", "code": None, "row": _HELD})
+        if await self._call(self.redis.set(id_key, held, nx=True, ex=int(self.retention))):
+            return None
+        raw = await self._call(self.redis.get(id_key))
+        info = json.loads(raw) if raw else {}
+        if info.get("row") == _HELD:
+            return None  # held already (an earlier start of this node)
+        return Duplicate(kind="id", state=info.get("state"), code=info.get("code"))
+
+    async def release_id(self, dedupe_key: str) -> None:
+        await self._call(self._release_id(keys=[self._key("id", dedupe_key)], args=[_HELD]))
+
     async def pending_messages(self) -> list[MessageRow]:
-        return await self.outbox.pending_messages()
+        """The rows to resume (read once, at the start). A row stored just before
+        a kill may lack its shared id claim: it is claimed now, unless another
+        node accepted the broker's redelivery of it meanwhile; then that node
+        sends it and the row is dropped here (it was never acknowledged)."""
+        rows = await self.outbox.pending_messages()
+        keep: list[MessageRow] = []
+        for row in rows:
+            if row.dedupe_key is not None and not await self._own_claim(row):
+                await self.outbox.discard_message(row.id)
+                continue
+            keep.append(row)
+        return keep
+
+    async def _own_claim(self, row: MessageRow) -> bool:
+        """Is ``row``'s id claimed for it (claiming it if nobody holds it)? A
+        pending claim without an owner (an older otpd's, made before its row)
+        counts as its own, and so does one Redis cannot be asked about (the row
+        is resumed, as before); a final state (another node's row finished) never."""
+        assert row.dedupe_key is not None
+        id_key = self._key("id", row.dedupe_key)
+        owner = _owner(row.id, row.created_at)
+        try:
+            if await self._call(self.redis.set(
+                    id_key, json.dumps({"state": "pending", "code": None, "row": owner}),
+                    nx=True, ex=int(self.retention))):
+                return True
+            raw = await self._call(self.redis.get(id_key))
+        except StoreError:
+            return True
+        info = json.loads(raw) if raw else {}
+        if "row" in info:
+            return bool(info["row"] == owner)
+        return info.get("state") == "pending"
 
     async def message(self, message_id: int) -> MessageRow | None:
         return await self.outbox.message(message_id)
@@ -401,6 +478,12 @@ class RedisSharedStore:
         counts["blocked"] = int(await self._call(
             self.redis.scard(self._key("blocklist", "set"))))
         return counts
+
+
+def _owner(message_id: int, created_at: float) -> str:
+    """Names the outbox row that claimed an id: row id and creation time, so a
+    row of another node (or an earlier row here) never passes for it."""
+    return f"{message_id}@{created_at!r}"
 
 
 def _ms(at: float) -> int:

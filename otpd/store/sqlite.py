@@ -55,25 +55,25 @@ _REPORT_HORIZON = 8 * 86400.0
 _SELECT_BY_DEDUPE = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
     " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started,"
-    " delivery, delivery_at, delivered_at, reported_at"
+    " delivery, delivery_at, delivered_at, reported_at, dedupe_key"
     " FROM outbox WHERE dedupe_key = ?"
 )
 _SELECT_BY_ID = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
     " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started,"
-    " delivery, delivery_at, delivered_at, reported_at"
+    " delivery, delivery_at, delivered_at, reported_at, dedupe_key"
     " FROM outbox WHERE id = ?"
 )
 _SELECT_RECENT = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
     " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started,"
-    " delivery, delivery_at, delivered_at, reported_at"
+    " delivery, delivery_at, delivered_at, reported_at, dedupe_key"
     " FROM outbox WHERE state IN (?, ?, ?, ?) ORDER BY id DESC LIMIT ?"
 )
 _SELECT_PENDING = (
     "SELECT id, command, channel, receiver, subject, sealed, otp_reference, state, code, reason,"
     " via, attempts, created_at, expires_at, next_attempt_at, finished_at, attempt_started,"
-    " delivery, delivery_at, delivered_at, reported_at"
+    " delivery, delivery_at, delivered_at, reported_at, dedupe_key"
     " FROM outbox WHERE state = 'pending' ORDER BY id"
 )
 
@@ -184,6 +184,13 @@ class SqliteStore:
 
         return await self._tx(run)
 
+    async def claim_id(self, dedupe_key: str) -> Duplicate | None:
+        # One node: nothing is shared, a hand-over never leaves it.
+        return await self.duplicate_of(dedupe_key, None)
+
+    async def release_id(self, dedupe_key: str) -> None:
+        return None
+
     async def pending_messages(self) -> list[MessageRow]:
         def run(c: sqlite3.Connection) -> list[MessageRow]:
             rows = c.execute(_SELECT_PENDING).fetchall()
@@ -218,6 +225,12 @@ class SqliteStore:
                 (now, message_id),
             )
         )
+
+    async def discard_message(self, message_id: int) -> None:
+        """Forget a pending row that turned out to be another node's message
+        (the shared store's id claim: otpd.store.redis_state)."""
+        await self._tx(lambda c: c.execute(
+            "DELETE FROM outbox WHERE id = ? AND state = 'pending'", (message_id,)))
 
     async def record_retry(
         self, message_id: int, attempts: int, next_attempt_at: float, reason: str

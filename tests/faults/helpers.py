@@ -1,7 +1,9 @@
 """Helpers of the fault-injection suite.
 
 * its control socket's status and its outbox, read from outside;
-* a daemon consuming all four brokers (the tables and their unique topics).
+* a daemon consuming all four brokers (the tables and their unique topics);
+* after SIGKILLs: the rows a restart resent as uncertain, and the message id
+  each outbox row carries across nodes (hand-over copies included).
 
 Receivers noting each message's tag and arrival (``tests.support.mail``), the
 publishers counting a message as accepted only once the broker confirmed it
@@ -11,13 +13,16 @@ and the daemon as a subprocess (``tests.support.processes``) are shared with the
 
 from __future__ import annotations
 
+import re
 import sqlite3
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from otpd.app import control
 from otpd.broker import BrokerServer
+from otpd.delivery.handover import HANDOVER_PREFIX
 from tests.support.brokers import (
     BROKER_FAST,
     OTPD_PASSWORD,
@@ -98,3 +103,42 @@ topic = "{topics.ws_topic}"
 reply_min_delay = 0
 {ws_extra}{BROKER_FAST}
 """
+
+
+# -- who sent what, after SIGKILLs -------------------------------------------------------
+
+# The restart's log line for a message a kill caught inside its send.
+UNCERTAIN = re.compile(r"message (\d+) to \S+ was being sent when otpd stopped; it may have"
+                       r" gone out already")
+
+
+def uncertain_rows(log_text: str) -> Counter[int]:
+    """Outbox row ids a restart resent because a kill landed inside their send."""
+    return Counter(int(m.group(1)) for m in UNCERTAIN.finditer(log_text))
+
+
+def tags_of_rows(outboxes: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, int], str]:
+    """(node, row id) -> the message id (tag) it carries, across several nodes'
+    outboxes: a row's ``dedupe_key`` is ``<id>|<receiver>``; a hand-over copy's
+    id names the row it came from (``handover-<row>-<created µs>``) on another node."""
+    direct: dict[tuple[str, int], str] = {}
+    by_origin: dict[tuple[int, int], str] = {}
+    for node, rows in outboxes.items():
+        for r in rows:
+            key = str(r["dedupe_key"] or "").split("|")[0]
+            if key and not key.startswith(HANDOVER_PREFIX):
+                direct[(node, r["id"])] = key
+                by_origin[(r["id"], int(r["created_at"] * 1_000_000))] = key
+    out = dict(direct)
+    for _ in range(3):  # a copy of a copy (handed over twice) resolves in a later pass
+        for node, rows in outboxes.items():
+            for r in rows:
+                key = str(r["dedupe_key"] or "").split("|")[0]
+                if not key.startswith(HANDOVER_PREFIX) or (node, r["id"]) in out:
+                    continue
+                row_id, _, micros = key[len(HANDOVER_PREFIX):].partition("-")
+                tag = by_origin.get((int(row_id), int(micros)))
+                if tag is not None:
+                    out[(node, r["id"])] = tag
+                    by_origin[(r["id"], int(r["created_at"] * 1_000_000))] = tag
+    return out

@@ -1,19 +1,26 @@
 """Several otpd nodes on one broker queue, each with its own simulated modems
 and SQLite outbox, sharing a Redis store (``[store] backend = "redis"``).
 
-Used by tests/transports/test_shared_queue.py and bench/shared_queue.py. Nodes
-run in this process (the simulated modems mostly sleep out their send time).
+Used by tests/transports/test_shared_queue.py, tests/faults/test_shared_queue_kill.py
+and bench/shared_queue.py. Nodes run in this process (the simulated modems
+mostly sleep out their send time), or as a subprocess to SIGKILL
+(:class:`NodeProcess`; its modems stay here).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import textwrap
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from otpd.app import control
 from otpd.app.daemon import Daemon
 from otpd.app.settings import parse_settings
 from otpd.channels.sms.simulator import ModemSimulator
@@ -143,3 +150,72 @@ def unique_names() -> tuple[str, str]:
     """A queue/stream/topic name and a Redis key prefix nobody else uses."""
     token = uuid.uuid4().hex[:10]
     return f"otpd-share-{token}", f"otpdshare{token}:"
+
+
+class NodeProcess:
+    """A node's daemon as a subprocess (``python -m otpd run``), to SIGKILL it;
+    its simulated modems stay in this process (``node.sims``). Its stderr is
+    appended to one log across restarts; its status is read over the control socket."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.log = node.folder / "otpd.log"
+        self.socket = node.folder / "control.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.log_offsets: list[int] = []  # where each start's lines begin in the log
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.log_offsets.append(self.log.stat().st_size if self.log.exists() else 0)
+        with self.log.open("ab") as stderr:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "otpd", "run", "--config", str(self.node.config)],
+                stdout=subprocess.DEVNULL, stderr=stderr, env=dict(os.environ))
+        self.starts += 1
+
+    async def status(self) -> dict[str, Any]:
+        answer = await control.request(self.socket, {"op": "status"}, timeout=5.0)
+        assert answer.get("ok"), answer
+        return dict(answer["status"])
+
+    async def wait_ready(self, modems: int | None = None, timeout: float = 30.0) -> None:
+        """Until its consumers are connected and ``modems`` (default: all) are ready."""
+        want = len(self.node.sims) if modems is None else modems
+
+        async def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"otpd exited with {self.proc.returncode}:\n"
+                                     + self.log_text()[-3000:])
+            try:
+                status = await self.status()
+            except (OSError, ValueError, TimeoutError):
+                return False  # not listening yet
+            sms = status.get("channels", {}).get("sms", {}).get("modems", [])
+            up = sum(m.get("state") in ("ready", "busy") for m in sms)
+            brokers = status.get("brokers", [])
+            return bool(brokers) and all(b["connected"] for b in brokers) and up >= want
+
+        await wait_until(ready, timeout, f"{self.node.folder.name} ready", interval=0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM; the exit status (SIGKILL and -9 after ``timeout``)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return -9
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
