@@ -53,11 +53,11 @@ from otpd.store.records import (
 )
 from otpd.store.sqlite import SqliteStore
 
-# KEYS[1] otp key; ARGV: receiver, salt, digest, expires_at, expire-at-ms
+# KEYS[1] otp key; ARGV: receiver, salt, digest, expires_at, expire-at-ms, owner row
 _CREATE_OTP = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'receiver', ARGV[1], 'salt', ARGV[2], 'digest', ARGV[3],
-           'expires_at', ARGV[4], 'attempts', 0, 'state', '{active}')
+           'expires_at', ARGV[4], 'attempts', 0, 'state', '{active}', 'row', ARGV[6])
 redis.call('PEXPIREAT', KEYS[1], ARGV[5])
 return 1
 """.format(**LUA_NAMES)
@@ -236,29 +236,31 @@ class RedisSharedStore:
     ) -> Inserted | Duplicate:
         otp_key = self._key("otp", otp.reference) if otp else None
         id_key = self._key("id", msg.dedupe_key) if msg.dedupe_key else None
-        if otp is not None and otp_key is not None:
-            expire_ms = int((otp.expires_at + self.expired_grace) * 1000)
-            created = await self._call(self._create_otp(
-                keys=[otp_key],
-                args=[otp.receiver, otp.salt, otp.digest, repr(otp.expires_at), expire_ms],
-            ))
-            if not created:
-                return Duplicate(kind="reference")
-        # The local row first, then the shared id claim naming it: a kill between
-        # the two leaves a row whose claim is missing (settled at the restart, see
-        # pending_messages), never a claim without a row, which would have every
-        # node refuse the broker's redelivery as a duplicate of a message nobody holds.
-        try:
-            inserted = await self.outbox.insert_message(msg, None)
-        except StoreError:
-            if otp_key is not None:  # not stored here: the client may retry
-                await self._call(self.redis.delete(otp_key))
-            raise
-        if isinstance(inserted, Duplicate) or id_key is None:
-            if isinstance(inserted, Duplicate) and otp_key is not None:
-                await self._call(self.redis.delete(otp_key))
+        # The local row first, then the shared OTP and id claims naming it: a kill
+        # between them leaves a row whose claims are missing (settled at the
+        # restart, see pending_messages), never a claim without a row, which would
+        # have every node refuse the broker's redelivery as a duplicate of a
+        # message nobody holds.
+        inserted = await self.outbox.insert_message(msg, None)
+        if isinstance(inserted, Duplicate):
             return inserted
         owner = _owner(inserted.id, msg.created_at)
+        if otp is not None and otp_key is not None:
+            expire_ms = int((otp.expires_at + self.expired_grace) * 1000)
+            try:
+                created = await self._call(self._create_otp(
+                    keys=[otp_key],
+                    args=[otp.receiver, otp.salt, otp.digest, repr(otp.expires_at), expire_ms,
+                          owner],
+                ))
+            except StoreError:
+                await self.outbox.discard_message(inserted.id)
+                raise
+            if not created:  # the reference is taken: nothing of ours to undo in Redis
+                await self.outbox.discard_message(inserted.id)
+                return Duplicate(kind="reference")
+        if id_key is None:
+            return inserted
         try:
             claimed = await self._call(self.redis.set(
                 id_key, json.dumps({"state": "pending", "code": None, "row": owner}),
@@ -317,8 +319,32 @@ class RedisSharedStore:
             if row.dedupe_key is not None and not await self._own_claim(row):
                 await self.outbox.discard_message(row.id)
                 continue
+            if row.otp_reference is not None and not await self._own_otp(row):
+                await self.outbox.discard_message(row.id)
+                continue
             keep.append(row)
         return keep
+
+    async def _own_otp(self, row: MessageRow) -> bool:
+        """Was ``row``'s OTP created for it? A row whose OTP is missing was stored
+        just before a kill and never acknowledged (its redelivery makes a new
+        one); an OTP naming another row belongs to whoever took that redelivery.
+        An OTP without an owner (an older otpd's), or one Redis cannot be asked
+        about, counts as the row's own (resumed, as before)."""
+        assert row.otp_reference is not None
+        try:
+            found = await self._call(self.redis.hget(self._key("otp", row.otp_reference),
+                                                     "row"))
+            exists = found is not None or bool(await self._call(
+                self.redis.exists(self._key("otp", row.otp_reference))))
+        except StoreError:
+            return True
+        if not exists:
+            return False
+        if found is None:
+            return True
+        owner = found.decode() if isinstance(found, bytes) else str(found)
+        return owner == _owner(row.id, row.created_at)
 
     async def _own_claim(self, row: MessageRow) -> bool:
         """Is ``row``'s id claimed for it (claiming it if nobody holds it)? A

@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 
 from otpd.delivery.handover import HANDOVER_PREFIX
-from otpd.store.records import Duplicate, Inserted, NewMessage
+from otpd.store.records import Duplicate, Inserted, NewMessage, NewOtp
 from otpd.store.redis_state import RedisSharedStore
 from tests.faults.helpers import outbox, tags_of_rows, uncertain_rows
 from tests.support.brokers import command
@@ -328,6 +328,43 @@ async def test_a_row_stored_before_a_kill_is_claimed_or_dropped_at_the_restart(
         assert [r.dedupe_key for r in resumed] == ["kept|+6281200000001"]
         assert isinstance(await two.insert_message(_message("kept", now + 2)), Duplicate)
         assert [r.dedupe_key for r in await two.pending_messages()] == ["taken|+6281200000001"]
+    finally:
+        await one.close()
+        await two.close()
+        await _forget(redis_url, prefix)
+
+
+def _otp_message(reference: str, created: float) -> tuple[NewMessage, NewOtp]:
+    msg = NewMessage(command="request-otp", channel="sms", receiver="+6281200000001",
+                     subject="", sealed=b"x", created_at=created, expires_at=created + 60,
+                     otp_reference=reference)
+    return msg, NewOtp(reference, "+6281200000001", b"salt", b"digest", created, created + 60)
+
+
+async def test_a_request_otp_stored_before_a_kill_is_not_refused_as_a_duplicate(
+        tmp_path: Path, redis_url: str) -> None:
+    """A kill between the local row and the shared OTP record: the broker's
+    redelivery must create the OTP (not answer 1201 "reference already used"
+    for an OTP nobody sends), and the restarted node drops its orphan row.
+    Before: the OTP was created first, and a kill in between lost the OTP."""
+    _, prefix = unique_names()
+    one = await _store(tmp_path / "one.db", prefix, redis_url)
+    two = await _store(tmp_path / "two.db", prefix, redis_url)
+    try:
+        now = time.time()
+        orphan, _ = _otp_message("r-orphan", now)
+        await one.outbox.insert_message(orphan, None)  # what a kill leaves: no OTP record
+        mine, mine_otp = _otp_message("r-mine", now + 1)
+        assert isinstance(await one.insert_message(mine, mine_otp), Inserted)
+        # The redelivery of the orphan's command reaches the other node.
+        again, again_otp = _otp_message("r-orphan", now + 2)
+        assert isinstance(await two.insert_message(again, again_otp), Inserted)
+        resumed = await one.pending_messages()
+        assert [r.otp_reference for r in resumed] == ["r-mine"]
+        assert [r.otp_reference for r in await two.pending_messages()] == ["r-orphan"]
+        dup, dup_otp = _otp_message("r-mine", now + 3)
+        assert await two.insert_message(dup, dup_otp) == Duplicate(kind="reference")
+        assert [r.otp_reference for r in await two.pending_messages()] == ["r-orphan"]
     finally:
         await one.close()
         await two.close()
