@@ -68,16 +68,8 @@ def derive_key(key: bytes, purpose: str) -> bytes:
 def load_or_create_key(path: Path) -> bytes:
     """The server key: created 0600 on first start, refused if others can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(KEY_BYTES))
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(path.parent)
+    if not path.exists():
+        _publish_new_key(path)
     info = path.stat()
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
@@ -87,6 +79,27 @@ def load_or_create_key(path: Path) -> bytes:
     if len(data) != KEY_BYTES:
         raise KeyFileError(f"otp.key_file: {path} must hold exactly {KEY_BYTES} bytes")
     return data
+
+
+def _publish_new_key(path: Path) -> None:
+    """Write a fresh key beside ``path``, then link it into place: whoever starts
+    at the same moment (two nodes sharing the file) sees no file or a whole
+    key, never a half-written one, and only the first link wins."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(KEY_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process published its key first: use that one
+        else:
+            _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from pathlib import Path
 
@@ -96,3 +97,11 @@ def test_email_receiver_and_mask() -> None:
         canonical_receiver("a@b", "62")
     assert mask("+628126666123") == "+*********123"
     assert "someone" not in mask("someone@domain.tld")
+
+
+def test_processes_creating_the_key_at_once_all_read_one_whole_key(tmp_path: Path) -> None:
+    path = tmp_path / "shared" / "otp.key"
+    with concurrent.futures.ProcessPoolExecutor(max_workers=6) as pool:
+        keys = list(pool.map(load_or_create_key, [path] * 24))
+    assert len(set(keys)) == 1 and len(keys[0]) == 32
+    assert sorted(p.name for p in path.parent.iterdir()) == ["otp.key"]  # no temp left
