@@ -89,6 +89,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="N",
         help="bytes queued per client before a slow client is dropped (default 1048576)",
     )
+    p.add_argument(
+        "--max-connections",
+        type=_positive,
+        metavar="N",
+        help="open connections in all; more are reset before HTTP (default: from the"
+        " descriptor limit, at most 1024)",
+    )
+    p.add_argument(
+        "--max-connections-per-address",
+        type=_positive,
+        metavar="N",
+        help="open connections per client address, IPv6 per /64 (default: a quarter of"
+        " --max-connections, at most 64)",
+    )
     p.set_defaults(func=run)
 
 
@@ -109,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         allow_plain=args.allow_plain_http,
+        max_connections=args.max_connections,
+        max_connections_per_address=args.max_connections_per_address,
     )
     errors = config.validate()
     if errors:

@@ -60,7 +60,9 @@ from otpd.auth.htpasswd import HtpasswdError, HtpasswdFile
 from otpd.auth.login_gate import LoginGate, Ticket
 from otpd.broker import acl as acl_file
 from otpd.broker.acl import Access, Acl, AclError
+from otpd.broker.admission import Admission, capped_connection, connection_limits
 from otpd.broker.hub import Hub, Subscriber
+from otpd.connection_caps import ConnectionCaps
 from otpd.netutil import is_loopback
 
 log = logging.getLogger("otpd.broker")
@@ -100,6 +102,11 @@ class BrokerSettings:
     # Failed logins per address (IPv6: per /64) within login_window s before 429.
     login_failures_max: int = 10
     login_window: float = 900.0
+    # Open connections in all and per client address (IPv6: per /64), counted before
+    # the HTTP upgrade. None: derived at start from the descriptor limit
+    # (RLIMIT_NOFILE), like the REST listener's; larger values are lowered there.
+    max_connections: int | None = None
+    max_connections_per_address: int | None = None
 
     @property
     def acl_path(self) -> Path:
@@ -116,6 +123,13 @@ class BrokerSettings:
             errors.append("queue_bytes must be at least max_message")
         if (self.tls_cert is None) != (self.tls_key is None):
             errors.append("tls_cert and tls_key must be given together")
+        if self.max_connections is not None and self.max_connections < 1:
+            errors.append("max_connections must be at least 1")
+        if self.max_connections_per_address is not None and self.max_connections_per_address < 1:
+            errors.append("max_connections_per_address must be at least 1")
+        if (self.max_connections is not None and self.max_connections_per_address is not None
+                and self.max_connections_per_address > self.max_connections):
+            errors.append("max_connections_per_address must not exceed max_connections")
         if not 0 <= self.port <= 65535:
             errors.append("port must be 0..65535")
         if self.tls_cert is None and not self.allow_plain and not is_loopback(self.host):
@@ -184,6 +198,8 @@ class BrokerServer:
         self._closing: set[asyncio.Task[None]] = set()
         self._hub = Hub()
         self._server: Server | None = None
+        self.admission: Admission | None = None  # the connection caps, while running
+        self._loop_handler_set = False
         self._path = config.path.rstrip("/")
         # Filled by the handshake hook, read by the handler. Weak, so that a
         # handshake that fails after authentication leaves nothing behind.
@@ -206,10 +222,37 @@ class BrokerServer:
             self._acl = self._read_acl()
         self._log_acl_coverage()
         cfg = self.config
-        self._server = await serve(
+        limits = connection_limits(cfg.max_connections, cfg.max_connections_per_address)
+        for note in limits.notes:
+            log.warning("broker: %s", note)
+        log.info("broker connections: at most %d, %d per client address", limits.total,
+                 limits.per_address)
+        admission = Admission(ConnectionCaps(limits.total, limits.per_address))
+        loop = asyncio.get_running_loop()
+        # asyncio logs a failing accept() once a second with a traceback: throttled,
+        # unless the program installed its own handler.
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(admission.exception_handler)
+            self._loop_handler_set = True
+        self.admission = admission
+        try:
+            self._server = await self._serve(admission)
+        except BaseException:
+            self._restore_loop_handler()
+            self.admission = None
+            raise
+        scheme = "wss" if cfg.tls_cert else "ws"
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        log.info("broker listening on %s://%s:%d%s", scheme, host, self.port, cfg.path)
+
+    async def _serve(self, admission: Admission) -> Server:
+        cfg = self.config
+        return await serve(
             self._handle,
             cfg.host,
             cfg.port,
+            # Over a cap, a connection is reset before the HTTP upgrade.
+            create_connection=capped_connection(admission),
             process_request=self._process_request,
             ssl=self._ssl_context(),
             max_size=cfg.max_message,
@@ -222,9 +265,11 @@ class BrokerServer:
             server_header=None,
             logger=_wire_log,
         )
-        scheme = "wss" if cfg.tls_cert else "ws"
-        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        log.info("broker listening on %s://%s:%d%s", scheme, host, self.port, cfg.path)
+
+    def _restore_loop_handler(self) -> None:
+        if self._loop_handler_set:
+            self._loop_handler_set = False
+            asyncio.get_running_loop().set_exception_handler(None)
 
     async def stop(self) -> None:
         """Close every connection (1001 going away) and stop listening."""
@@ -240,6 +285,9 @@ class BrokerServer:
         except TimeoutError:
             self._hub.abort_all()
             await server.wait_closed()
+        if self.admission is not None:
+            self.admission.close()
+        self._restore_loop_handler()
         log.info("broker stopped")
 
     # -- permissions -------------------------------------------------------------

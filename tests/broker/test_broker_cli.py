@@ -137,3 +137,16 @@ async def test_runs_until_sigterm(users_file: Path, acl_file: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_connection_caps_options() -> None:
+    args = parse("broker", "--htpasswd", "u")
+    assert args.max_connections is None and args.max_connections_per_address is None
+    args = parse("broker", "--htpasswd", "u", "--max-connections", "100",
+                 "--max-connections-per-address", "8")
+    assert (args.max_connections, args.max_connections_per_address) == (100, 8)
+    for bad in ("0", "-1", "many"):
+        with pytest.raises(SystemExit):
+            parse("broker", "--htpasswd", "u", "--max-connections", bad)
+        with pytest.raises(SystemExit):
+            parse("broker", "--htpasswd", "u", "--max-connections-per-address", bad)

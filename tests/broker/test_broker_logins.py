@@ -35,7 +35,9 @@ async def test_concurrent_wrong_passwords_are_counted_before_the_check(
         return await real(self, user, password)
 
     monkeypatch.setattr(HtpasswdFile, "verify_async", counted)
-    broker = await make_broker(login_failures_max=10)
+    # 100 at once from 127.0.0.1: above the default per-address connection cap.
+    broker = await make_broker(login_failures_max=10, max_connections=200,
+                               max_connections_per_address=200)
     caplog.set_level(logging.WARNING)
     statuses = await asyncio.gather(*(handshake_status(broker, password="wrong")
                                       for _ in range(100)))

@@ -62,8 +62,10 @@ async def test_order_and_unicode_kept(broker: BrokerServer) -> None:
         assert [await recv_text(b) for _ in texts] == texts
 
 
-async def test_fanout_to_200_clients(broker: BrokerServer) -> None:
+async def test_fanout_to_200_clients(make_broker: MakeBroker) -> None:
     n = 200
+    # All from 127.0.0.1: above the default per-address cap.
+    broker = await make_broker(max_connections=400, max_connections_per_address=400)
     clients = [client(broker, user=("alice", "bob")[i % 2]) for i in range(n)]
     conns: list[ClientConnection] = await asyncio.gather(*(c.__aenter__() for c in clients))
     try:
