@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ from otpd.app.daemon import Daemon
 from otpd.app.settings import parse_settings
 from otpd.channels.sms.simulator import ModemSimulator
 from tests.support.daemon import modem_table
+from tests.support.processes import OtpdChild
 from tests.support.services import MQTT_HOST, MQTT_PORT, RABBIT_URL, REDIS_URL
 from tests.support.waiting import wait_until
 
@@ -152,7 +152,7 @@ def unique_names() -> tuple[str, str]:
     return f"otpd-share-{token}", f"otpdshare{token}:"
 
 
-class NodeProcess:
+class NodeProcess(OtpdChild):
     """A node's daemon as a subprocess (``python -m otpd run``), to SIGKILL it;
     its simulated modems stay in this process (``node.sims``). Its stderr is
     appended to one log across restarts; its status is read over the control socket."""
@@ -199,23 +199,3 @@ class NodeProcess:
 
         await wait_until(ready, timeout, f"{self.node.folder.name} ready", interval=0.05)
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM; the exit status (SIGKILL and -9 after ``timeout``)."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return -9
-        return self.proc.returncode
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -22,7 +22,36 @@ from tests.support.daemon import Client, free_port
 from tests.support.services import require_binary
 
 
-class DaemonProcess:
+class OtpdChild:
+    """A ``python -m otpd run`` subprocess whose stderr goes to ``log``: stopped
+    with SIGTERM or SIGKILL, its log read back."""
+
+    proc: subprocess.Popen[bytes] | None
+    log: Path
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM; the exit status (SIGKILL and -9 after ``timeout``; 0 if never started)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return -9
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class DaemonProcess(OtpdChild):
     """``python -m otpd run`` with its stderr appended to one log across restarts."""
 
     def __init__(self, config: Path, log: Path, client: Client,
@@ -59,25 +88,6 @@ class DaemonProcess:
             await asyncio.sleep(0.05)
         raise AssertionError("otpd did not become ready:\n" + self.log_text()[-3000:])
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM; returns the exit status (SIGKILL and -9 after ``timeout``)."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return -9
-        return self.proc.returncode
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 class Process:
