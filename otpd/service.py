@@ -361,7 +361,8 @@ class Service:
         try:
             text = self.sealer.open_handover(cmd.sealed, context)
         except SealError as exc:
-            log.error("%s %s: %s", name, cmd.id, exc)
+            # %r: the id is the sender's text (no line breaks into the log)
+            log.warning("%s %r: %s", name, cmd.id, exc)
             return Response(name, Code.UNAUTHORIZED, _echo(cmd, None), str(exc))
         receiver = self._receiver(cmd.receiver)
         if (cmd.channel == "email") != is_email(receiver):
@@ -471,7 +472,7 @@ class Service:
         # (**21*<number># forwards every call) must never be sent.
         why = grants.ussd.refusal(cmd.ussd_code)
         if why is not None:
-            log.warning("%s: refused a USSD code for modem %s: %s", client, cmd.modem_id, why)
+            log.warning("%s: refused a USSD code for modem %r: %s", client, cmd.modem_id, why)
             return Response(name, Code.INVALID_REQUEST, {}, f"data.ussd_code: {why}")
         sms = self.channels["sms"]
         ussd = getattr(sms, "ussd", None)

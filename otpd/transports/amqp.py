@@ -335,6 +335,10 @@ class AmqpConsumer(Consumer):
                 await queue.cancel(tag)
                 log.info("%s: not taking work: %s", self.name, self._not_taking or "no room")
 
+    @property
+    def can_hand_back(self) -> bool:
+        return True
+
     async def publish_command(self, body: bytes) -> None:
         """Put a command (a hand-over) back on the queue, confirmed by RabbitMQ."""
         message = aio_pika.Message(body, content_type="application/json",

@@ -318,23 +318,26 @@ class Consumer(ABC):
                 async with asyncio.timeout(1.0):
                     await self._room.wait()
 
+    @property
+    def can_hand_back(self) -> bool:
+        """Can this broker take a command back onto the queue other nodes read?"""
+        return False
+
     async def publish_command(self, body: bytes) -> None:
         """Put a command on this consumer's own queue (a hand-over to the other
-        nodes). Raises where the broker cannot take one back."""
-        raise NotImplementedError(f"{self.name} cannot hand messages back")
+        nodes); only called where :attr:`can_hand_back`."""
+        raise RuntimeError(f"{self.name} cannot hand messages back")
 
     async def republish(self, envelope: dict[str, Any]) -> bool:
         """Hand a stored message back to the shared queue (signed when commands
         must be); False if it could not be published."""
-        if not self.connected:
+        if not self.connected or not self.can_hand_back:
             return False
         if self.common.signing_key:
             envelope = sign(envelope, self.common.signing_key)
         body = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode()
         try:
             await self.publish_command(body)
-        except NotImplementedError:
-            return False
         except Exception as exc:
             self._note_error(exc)
             log.warning("%s: hand-over not published: %s", self.name, self._describe(exc))

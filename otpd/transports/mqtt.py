@@ -342,6 +342,10 @@ class MqttConsumer(Consumer):
     def shares_work(self) -> bool:  # type: ignore[override]
         return bool(self.settings.shared_group)
 
+    @property
+    def can_hand_back(self) -> bool:
+        return True
+
     async def publish_command(self, body: bytes) -> None:
         """A hand-over, to the plain topic: the broker gives it to one group member."""
         client = self._client

@@ -333,11 +333,13 @@ class RedisConsumer(Consumer):
     def shares_work(self) -> bool:  # type: ignore[override]
         return self.settings.mode == "stream"  # pub/sub hands every node every message
 
+    @property
+    def can_hand_back(self) -> bool:
+        return self.settings.mode == "stream"  # pub/sub gives every node every message
+
     async def publish_command(self, body: bytes) -> None:
         """Stream mode: a hand-over goes back to the stream, for the group."""
         client = self._client
-        if self.settings.mode != "stream":
-            raise NotImplementedError("pub/sub cannot hand messages back")
         if client is None:
             raise ConnectionError("not connected to Redis")
         await client.xadd(self.settings.common.topic, {STREAM_FIELD: body})
